@@ -1,0 +1,232 @@
+"""The in-memory classification datamodule every dataset of this package builds on (private)."""
+
+from __future__ import annotations
+
+import math
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["ArrayDataset", "ArrayDataModule", "Splits"]
+
+SPLITS = ("train", "val", "test")
+
+
+class ArrayDataset(Dataset):
+    """``(x[i], y[i])`` pairs from two tensors, with an optional random shift of images.
+
+    The shift is the label-preserving augmentation of the deviation / mixup papers: zero-pad by ``max_shift``
+    pixels and crop back at a uniformly random offset, per example. It draws from torch's global generator, which
+    ``seed_everything(workers=True)`` seeds in every worker, so runs are reproducible.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, max_shift: int = 0) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}.")
+        if max_shift and x.ndim != 4:
+            raise ValueError("Random shifts need image inputs of shape (N, C, H, W).")
+        self.x, self.y, self.max_shift = x, y, int(max_shift)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.x[index]
+        if self.max_shift:
+            s = self.max_shift
+            dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
+            h, w = x.shape[-2:]
+            x = F.pad(x, (s, s, s, s))[..., dy : dy + h, dx : dx + w]
+        return x, self.y[index]
+
+
+class Splits(dict):
+    """``{"train": (x, y), "val": (x, y), "test": (x, y)}`` of float inputs and int64 class indices."""
+
+
+def _stratified_split(
+    x: np.ndarray, y: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    n_out = max(1, int(round(fraction * len(y))))
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 and n_out >= len(counts) else None
+    return train_test_split(x, y, test_size=n_out, random_state=seed, stratify=stratify)
+
+
+class ArrayDataModule(pl.LightningDataModule):
+    """A classification datamodule over arrays held in memory, split once, identically on every rank.
+
+    Subclasses implement :meth:`load_arrays` and set ``num_classes`` / ``input_shape``. The split is a seeded,
+    stratified train/val/test split (a given test set is kept as is), so every DDP rank, every run with the same
+    ``seed`` and every technique sees the same examples. Batches are ``[inputs, targets]`` lists (default collate)
+    with int64 class-index targets.
+
+    Args:
+        batch_size: training batch size (per device under DDP).
+        eval_batch_size: validation/test/predict batch size; defaults to ``batch_size``.
+        val_fraction: fraction of the training pool held out for validation.
+        test_fraction: fraction of the data held out for testing (ignored when the data has its own test set).
+        seed: seed of the split.
+        num_workers: DataLoader workers.
+        shuffle: shuffle the training set each epoch (turn off for exact DDP-vs-single-process comparisons).
+        drop_last: drop the last incomplete training batch.
+        augment: random-shift augmentation of training images (images only).
+        max_shift: largest shift in pixels when ``augment`` is on.
+    """
+
+    #: number of classes; set by subclasses (a property where it depends on arguments)
+    num_classes: int
+    #: shape of one input, without the batch dimension
+    input_shape: tuple[int, ...]
+    is_image: bool = False
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        augment: bool = False,
+        max_shift: int = 2,
+    ) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction!r}.")
+        if not 0.0 < test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+            raise ValueError(
+                f"`test_fraction` must be in (0, 1) with `val_fraction + test_fraction < 1`, got "
+                f"test_fraction={test_fraction!r}, val_fraction={val_fraction!r}."
+            )
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"`num_workers` must be a non-negative integer, got {num_workers!r}.")
+        if augment and not self.is_image:
+            raise ValueError(f"`augment=True` (random shifts) needs image data; {type(self).__name__} is not.")
+        if max_shift < 0:
+            raise ValueError(f"`max_shift` must be >= 0, got {max_shift!r}.")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.augment = augment
+        self.max_shift = max_shift
+        self._splits: Splits | None = None
+        self.train_dataset: ArrayDataset | None = None
+        self.val_dataset: ArrayDataset | None = None
+        self.test_dataset: ArrayDataset | None = None
+
+    # -- what subclasses provide ---------------------------------------------------------------------------------
+    def load_arrays(self) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Return ``(x, y)``, or ``(x_train, y_train, x_test, y_test)`` when the data comes with a test set."""
+        raise NotImplementedError
+
+    def fit_transform(self, splits: Splits) -> Splits:
+        """Hook for preprocessing fitted on the training split only (e.g. standardisation). Identity by default."""
+        return splits
+
+    # -- shape facts the CLI links into backbones -----------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        """Size of one flattened input (``MLP(in_features=...)``)."""
+        return math.prod(self.input_shape)
+
+    # -- splitting -------------------------------------------------------------------------------------------------
+    @property
+    def splits(self) -> Splits:
+        """The train/val/test arrays as tensors (built on first access, identical on every rank)."""
+        if self._splits is None:
+            arrays = self.load_arrays()
+            if len(arrays) == 2:
+                x, y = arrays
+                x_pool, x_test, y_pool, y_test = _stratified_split(x, y, self.test_fraction, self.seed)
+            else:
+                x_pool, y_pool, x_test, y_test = arrays
+            val_share = self.val_fraction if len(arrays) == 4 else self.val_fraction / (1.0 - self.test_fraction)
+            x_train, x_val, y_train, y_val = _stratified_split(x_pool, y_pool, val_share, self.seed)
+            splits = Splits(
+                train=(x_train, y_train), val=(x_val, y_val), test=(x_test, y_test)
+            )
+            splits = self.fit_transform(splits)
+            self._splits = Splits(
+                {
+                    k: (
+                        torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32).reshape(-1, *self.input_shape),
+                        torch.as_tensor(np.asarray(y), dtype=torch.long),
+                    )
+                    for k, (x, y) in splits.items()
+                }
+            )
+        return self._splits
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = self.splits
+        self.train_dataset = ArrayDataset(*splits["train"], max_shift=self.max_shift if self.augment else 0)
+        self.val_dataset = ArrayDataset(*splits["val"])
+        self.test_dataset = ArrayDataset(*splits["test"])
+
+    def dataset(self, split: str, augment: bool = False) -> ArrayDataset:
+        """A dataset over one split (``"train"``, ``"val"`` or ``"test"``); augmentation only when asked."""
+        if split not in SPLITS:
+            raise ValueError(f"`split` must be one of {SPLITS}, got {split!r}.")
+        return ArrayDataset(*self.splits[split], max_shift=self.max_shift if augment else 0)
+
+    # -- loaders -----------------------------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _require_setup(self) -> None:
+        if self.train_dataset is None:
+            self.setup()
+
+    def train_dataloader(self) -> DataLoader:
+        self._require_setup()
+        return self._loader(self.train_dataset, self.batch_size, self.shuffle, self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        self._require_setup()
+        return self._loader(self.val_dataset, self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        self._require_setup()
+        return self._loader(self.test_dataset, self.eval_batch_size, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def split_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        """An ordered, unaugmented loader over one split, e.g. to embed the training set after fitting."""
+        return self._loader(self.dataset(split), batch_size or self.eval_batch_size, False)
+
+
+class ImageDataModule(ArrayDataModule):
+    """An :class:`ArrayDataModule` of ``(C, H, W)`` images: adds ``in_channels`` / ``input_size`` for CNN linking."""
+
+    is_image = True
+
+    @property
+    def in_channels(self) -> int:
+        return self.input_shape[0]
+
+    @property
+    def input_size(self) -> int:
+        return self.input_shape[-1]

@@ -1,0 +1,17 @@
+"""lightning-methods: research techniques as drop-in LightningModules and Callbacks.
+
+Members are imported on first use, so ``import lightning_methods`` is cheap and never imports transformers,
+opacus or faiss; a technique with a broken optional dependency does not break the others.
+"""
+
+from lightning_methods._utils import lazy_exports
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "ClassifierModule": ".classifier",
+    "nets": ".nets",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

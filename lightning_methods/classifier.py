@@ -1,0 +1,134 @@
+"""The plain supervised classifier: the base model, teacher and baseline of every technique in this library."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_methods._utils import check_model_against_data, check_num_classes, check_targets, save_hparams
+
+__all__ = ["ClassifierModule", "hard_targets", "soft_cross_entropy"]
+
+
+def hard_targets(targets: torch.Tensor) -> torch.Tensor:
+    """Class indices from class-index ``(N,)`` or soft ``(N, C)`` targets (the argmax of a soft target)."""
+    return targets.argmax(dim=-1) if targets.ndim == 2 else targets
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy against class indices ``(N,)`` or probability vectors ``(N, C)`` (e.g. mixup targets)."""
+    check_targets(logits, targets)
+    if targets.ndim == 2:
+        targets = targets.to(logits.dtype)
+    return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+
+class ClassifierModule(pl.LightningModule):
+    """Supervised classification of any backbone with (soft-target) cross-entropy.
+
+    The backbone is injected (``model``), so any ``nn.Module`` that maps a batch of inputs to ``(N, num_classes)``
+    logits works: the networks of :mod:`lightning_methods.nets`, torchvision or timm models. Targets may be class
+    indices ``(N,)`` or probability vectors ``(N, C)`` (mixup, label smoothing, teachers). Logs ``train_loss``,
+    ``train_acc``, ``val_loss``, ``val_acc``, ``test_loss``, ``test_acc`` (torchmetrics, DDP-reduced);
+    ``predict_step`` returns class probabilities.
+
+    Args:
+        model: the backbone, returning logits.
+        num_classes: number of classes (the CLI links it from the datamodule).
+        optimizer: a callable building the optimizer from the parameters (a class path in YAML).
+        lr_scheduler: optional callable building a scheduler from the optimizer; ``ReduceLROnPlateau``
+            monitors ``val_loss``.
+        label_smoothing: label smoothing of the cross-entropy on class-index targets.
+
+    Note:
+        Built in Python, the backbone is not stored in the checkpoint's hyperparameters (its weights are in the
+        ``state_dict``): reload with ``ClassifierModule.load_from_checkpoint(path, model=MLP(...))``. Built by the
+        ``lightning-methods`` CLI, its config is stored and ``load_from_checkpoint(path)`` rebuilds it.
+
+    Example::
+
+        >>> from lightning_methods.nets import MLP
+        >>> module = ClassifierModule(MLP(in_features=64, num_classes=10), num_classes=10)
+        >>> module(torch.zeros(3, 1, 8, 8)).shape
+        torch.Size([3, 10])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be an nn.Module (the backbone), got {type(model).__name__}.")
+        check_num_classes(num_classes)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"`label_smoothing` must be in [0, 1), got {label_smoothing!r}.")
+        save_hparams(self, inspect.currentframe())
+        self.model = model
+        self.num_classes = num_classes
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.label_smoothing = label_smoothing
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def setup(self, stage: str) -> None:
+        # Runs after the datamodule's setup and before any step: the place to catch a config that cannot work.
+        check_model_against_data(self.model, self.num_classes, self.trainer.datamodule if self._trainer else None)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Training loss; subclasses override this to change the objective while keeping logging and metrics."""
+        return soft_cross_entropy(logits, targets, self.label_smoothing)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = self.loss(logits, y)
+        self.train_acc(logits, hard_targets(y))
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        loss = soft_cross_entropy(logits, y)
+        metric = getattr(self, f"{stage}_acc")
+        metric(logits, hard_targets(y))
+        self.log(f"{stage}_loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(y))
+        self.log(f"{stage}_acc", metric, prog_bar=stage == "val")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).softmax(dim=-1)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        config: dict[str, Any] = {"scheduler": scheduler}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val_loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}

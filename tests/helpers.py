@@ -1,0 +1,37 @@
+"""Helpers for the test suite (not fixtures: plain functions any test module may import)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any
+
+import lightning.pytorch as pl
+
+
+def cpu_trainer(**overrides: Any) -> pl.Trainer:
+    """A quiet single-process CPU Trainer; keyword arguments override the defaults."""
+    kwargs: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)
+
+
+def ddp_trainer(**overrides: Any) -> pl.Trainer:
+    """A 2-process CPU DDP Trainer through ``ddp_spawn`` (plain ``ddp`` would re-run pytest)."""
+    return cpu_trainer(strategy="ddp_spawn", devices=2, **overrides)
+
+
+def run_cli(*args: str) -> Any:
+    """Run the ``lightning-methods`` CLI in this process (like the console script) and return the CLI object."""
+    from lightning_methods.cli import cli_main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return cli_main(list(args))
