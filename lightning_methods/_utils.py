@@ -61,13 +61,26 @@ def _cli_given_hparams() -> dict | None:
     return _given_hyperparameters.get()
 
 
-def save_hparams(module: Any, frame: FrameType | None = None, ignore: list[str] | None = None) -> None:
-    """``save_hyperparameters`` that never pickles an injected ``nn.Module``.
+def _is_plain_data(value: Any) -> bool:
+    """Whether ``value`` survives ``torch.load(weights_only=True)``: numbers, strings, None and containers of them."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain_data(v) for k, v in value.items())
+    return False
 
-    Built from the CLI, a backbone argument is stored as its ``class_path``/``init_args`` config, so
-    ``load_from_checkpoint(path)`` rebuilds it with no arguments. Built in Python, the backbone is an object:
-    it is left out of the hyperparameters (its weights are in the ``state_dict`` anyway) and must be passed to
-    ``load_from_checkpoint(path, model=...)``, as Lightning recommends.
+
+def save_hparams(module: Any, frame: FrameType | None = None, ignore: list[str] | None = None) -> None:
+    """``save_hyperparameters`` that stores only plain data, so checkpoints load with ``weights_only=True``.
+
+    Built from the CLI, a backbone (or optimizer) argument is stored as its ``class_path``/``init_args`` config, so
+    ``load_from_checkpoint(path)`` rebuilds it with no arguments. Built in Python, it is an object (a module, a
+    class, a ``functools.partial``): it is left out of the hyperparameters (a backbone's weights are in the
+    ``state_dict`` anyway) and must be passed again, ``load_from_checkpoint(path, model=...)``, as Lightning
+    recommends for modules. Pickling such objects would make the checkpoint unloadable under ``weights_only=True``
+    (the default of ``torch.load`` since torch 2.6) and tie it to the code's import paths.
     """
     frame = frame if frame is not None else inspect.currentframe().f_back  # type: ignore[union-attr]
     given = _cli_given_hparams()
@@ -78,9 +91,9 @@ def save_hparams(module: Any, frame: FrameType | None = None, ignore: list[str] 
 
         # the same frames save_hyperparameters reads: this class's __init__ and those of its subclasses
         for init_args in collect_init_args(frame, [], classes=(HyperparametersMixin,)):
-            ignore += [k for k, v in init_args.items() if isinstance(v, nn.Module)]
+            ignore += [k for k, v in init_args.items() if not _is_plain_data(v)]
     else:
-        ignore += [k for k, v in given.items() if isinstance(v, nn.Module)]
+        ignore += [k for k, v in given.items() if not _is_plain_data(v)]
     module.save_hyperparameters(ignore=ignore, frame=frame)
 
 

@@ -6,12 +6,14 @@ so a user's own modules work as well as ours.
 
 What the datamodule knows is linked into the model so a config never repeats it: ``num_classes`` into the
 module, and ``num_classes``, ``in_features``, ``in_channels`` and ``input_size`` into the injected backbone
-(``model``, ``student`` or ``teacher``) whenever both sides have the argument. A value given by hand that
-contradicts the datamodule is an error, not silently overridden.
+(``model``, ``student`` or ``teacher``) whenever both sides have the argument. Arguments left out or at their
+defaults are filled in; a value given by hand that contradicts the datamodule is an error, not silently overridden.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -30,7 +32,7 @@ BACKBONE_ARGUMENTS = ("model", "student", "teacher")
 
 
 def _config_mappings(args: Any) -> list[dict]:
-    """The YAML/dict configs and dotted overrides in ``args``, as mappings, in the order given."""
+    """The configs in ``args`` (YAML files or strings, or a dict) and its ``--model...`` overrides, in order."""
     if isinstance(args, dict):
         return [args]
     mappings: list[dict] = []
@@ -42,41 +44,91 @@ def _config_mappings(args: Any) -> list[dict]:
         elif arg.startswith("--config="):
             value = arg.split("=", 1)[1]
         if value is not None:
-            text = Path(value).read_text() if Path(value).is_file() else value
             try:
-                loaded = yaml.safe_load(text)
-            except yaml.YAMLError:
+                loaded = yaml.safe_load(Path(value).read_text() if Path(value).is_file() else value)
+            except (yaml.YAMLError, OSError):
                 continue
             if isinstance(loaded, dict):
-                mappings.append(loaded)
-        match = re.match(r"--model\.(?:init_args\.)?(\w+)", arg)
-        if match:
-            mappings.append({"model": {"init_args": {match.group(1): None}}})
+                mappings.extend([loaded, *(v for v in loaded.values() if isinstance(v, dict))])  # also `fit: {...}`
+            continue
+        # overrides: --model=X, --model.class_path=X, --model[.init_args].<backbone>[.class_path]=X, ...
+        if arg == "--model" or arg.startswith(("--model=", "--model.")):
+            key, eq, value = arg[2:].partition("=")
+            if not eq and i + 1 < len(args) and not args[i + 1].startswith("-"):
+                value = args[i + 1]
+            parts = [part for part in key.split(".")[1:] if part != "init_args"]
+            if parts in ([], ["class_path"]):
+                mappings.append({"model": {"class_path": value}})
+            elif parts[0] in BACKBONE_ARGUMENTS:
+                names_class = parts[1:] in ([], ["class_path"])
+                mappings.append({"model": {"init_args": {parts[0]: {"class_path": value if names_class else None}}}})
     return mappings
 
 
-def _backbones_in(args: Any) -> list[str]:
-    """The backbone arguments (``model``, ``student``, ``teacher``) that the given config sets.
+def _peek_classes(args: Any) -> dict[str, str | None]:
+    """Which module and backbones the config chooses: ``{"": module class_path, "<backbone>": class_path}``.
 
-    jsonargparse cannot link into an argument the chosen module does not have (it fails instead of skipping), so
-    links go only to the backbones the config actually names; a module's backbones are always named in its config.
+    Values are ``None`` where the config names the argument but its class cannot be read off the arguments.
     """
-    found: set[str] = set()
+    found: dict[str, str | None] = {}
     for mapping in _config_mappings(args):
-        for section in [mapping, *(v for v in mapping.values() if isinstance(v, dict))]:  # also `fit: {model: ...}`
-            model = section.get("model")
-            if isinstance(model, dict):
-                init_args = model.get("init_args", model)
-                if isinstance(init_args, dict):
-                    found.update(name for name in BACKBONE_ARGUMENTS if name in init_args)
-    return [name for name in BACKBONE_ARGUMENTS if name in found]
+        model = mapping.get("model")
+        if isinstance(model, str):
+            found[""] = model
+        if not isinstance(model, dict):
+            continue
+        if model.get("class_path"):
+            found[""] = model["class_path"]
+        init_args = model.get("init_args", model)
+        if not isinstance(init_args, dict):
+            continue
+        for name in BACKBONE_ARGUMENTS:
+            if name in init_args:
+                value = init_args[name]
+                class_path = value if isinstance(value, str) else (value or {}).get("class_path") if isinstance(value, dict) else None
+                found[name] = class_path or found.get(name)
+    return found
 
 
-def _link_targets(backbones: Any = BACKBONE_ARGUMENTS) -> dict[str, str]:
-    targets = {"model.init_args.num_classes": "num_classes"}
-    for backbone in backbones:
+def _accepts(class_path: str | None, parameter: str) -> bool:
+    """Whether the class at ``class_path`` takes ``parameter`` (True when the class cannot be resolved here)."""
+    if not class_path or "." not in class_path:
+        return True
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+        parameters = inspect.signature(cls).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return True
+    return parameter in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def _default_of(class_path: str | None, parameter: str) -> Any:
+    """The default of ``parameter`` in the signature of the class at ``class_path`` (None if none or unknown)."""
+    try:
+        module_name, _, name = (class_path or "").rpartition(".")
+        default = inspect.signature(getattr(importlib.import_module(module_name), name)).parameters[parameter].default
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
+        return None
+    return None if default is inspect.Parameter.empty else default
+
+
+def _link_targets(classes: dict[str, str | None]) -> dict[str, str]:
+    """Link target -> datamodule attribute, for the module and backbones that take the argument.
+
+    jsonargparse fails on a link into a backbone argument the module lacks, and LightningCLI stores every applied
+    link in the checkpoint's hyperparameters (so a link into a parameter the class lacks breaks
+    ``load_from_checkpoint``): links go only where the chosen classes accept them.
+    """
+    targets = {}
+    if _accepts(classes.get(""), "num_classes"):
+        targets["model.init_args.num_classes"] = "num_classes"
+    for backbone in BACKBONE_ARGUMENTS:
+        if backbone not in classes:
+            continue
         for attr in LINKED_ATTRIBUTES:
-            targets[f"model.init_args.{backbone}.init_args.{attr}"] = attr
+            if _accepts(classes[backbone], attr):
+                targets[f"model.init_args.{backbone}.init_args.{attr}"] = attr
     return targets
 
 
@@ -90,7 +142,7 @@ class LightningMethodsCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raw = kwargs.get("args")
-        self._link_map = _link_targets(_backbones_in(sys.argv[1:] if raw is None else raw))
+        self._link_map = _link_targets(_peek_classes(sys.argv[1:] if raw is None else raw))
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -111,9 +163,10 @@ class LightningMethodsCLI(LightningCLI):
         for key in self._link_map:
             try:
                 value = config[key]
+                class_path = config[key.rsplit(".init_args.", 1)[0] + ".class_path"]
             except (KeyError, TypeError):
                 continue
-            if value is not None:
+            if value is not None and value != _default_of(class_path, key.rsplit(".", 1)[1]):
                 given[key] = value
         super().instantiate_classes()
         for key, value in given.items():

@@ -7,6 +7,7 @@ import io
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 
 def cpu_trainer(**overrides: Any) -> pl.Trainer:
@@ -35,3 +36,18 @@ def run_cli(*args: str) -> Any:
 
     with contextlib.redirect_stdout(io.StringIO()):
         return cli_main(list(args))
+
+
+class TwoBackboneModule(pl.LightningModule):
+    """A module with ``student`` and ``teacher`` backbones, to test CLI links into backbone arguments by name."""
+
+    def __init__(self, student: "torch.nn.Module", teacher: "torch.nn.Module", num_classes: int) -> None:
+        super().__init__()
+        self.student, self.teacher, self.num_classes = student, teacher, num_classes
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.student(x), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.student.parameters(), lr=0.1)
