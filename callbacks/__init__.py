@@ -6,7 +6,10 @@ dependencies (opacus) never breaks the others.
 
 from lightning_methods._utils import lazy_exports
 
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "TeacherTrajectory": ".teacher_trajectory",
+    "DistillationDiagnostics": ".distillation_diagnostics",
+}
 
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

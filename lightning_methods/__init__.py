@@ -9,6 +9,11 @@ from lightning_methods._utils import lazy_exports
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "DistillationModule": ".distillation",
+    "distillation": ".distillation",
+    "distillation_diagnostics": ".distillation_diagnostics",
+    "supervision_complexity": ".distillation_diagnostics",
+    "exaggeration_slope": ".distillation_diagnostics",
     "ClassifierModule": ".classifier",
     "nets": ".nets",
 }
