@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_methods._utils import check_model_against_data, check_num_classes, check_targets, save_hparams
@@ -80,6 +81,7 @@ class ClassifierModule(pl.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.label_smoothing = label_smoothing
+        self.train_loss_mean = MeanMetric()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -99,19 +101,40 @@ class ClassifierModule(pl.LightningModule):
         x, y = batch[0], batch[1]
         logits = self(x)
         loss = self.loss(logits, y)
-        self.train_acc(logits, hard_targets(y))
-        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
-        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        # Accuracy is accumulated here and logged once per epoch (on_*_epoch_end): a Metric's forward, or logging
+        # the Metric object every step, costs more than a small model's whole training step on CPU.
+        self.train_acc.update(logits.detach(), hard_targets(y))
+        self.train_loss_mean.update(loss.detach(), len(y))
+        # self.log costs ~1 ms per call on CPU, whatever the logger does with it: log the step loss only on the
+        # steps a logger would record anyway, and the epoch mean once per epoch
+        if self._trainer is not None and self.global_step % self.trainer.log_every_n_steps == 0:
+            self.log("train_loss_step", loss, prog_bar=True)
         return loss
+
+    def _log_epoch_accuracy(self, stage: str) -> None:
+        metric = getattr(self, f"{stage}_acc")
+        if metric.update_count:  # compute() syncs across DDP ranks: every rank logs the global value
+            self.log(f"{stage}_acc", metric.compute(), prog_bar=stage == "val")
+        metric.reset()
+
+    def on_train_epoch_end(self) -> None:
+        if self.train_loss_mean.update_count:
+            self.log("train_loss", self.train_loss_mean.compute())
+        self.train_loss_mean.reset()
+        self._log_epoch_accuracy("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_accuracy("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_accuracy("test")
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         x, y = batch[0], batch[1]
         logits = self(x)
         loss = soft_cross_entropy(logits, y)
-        metric = getattr(self, f"{stage}_acc")
-        metric(logits, hard_targets(y))
+        getattr(self, f"{stage}_acc").update(logits, hard_targets(y))
         self.log(f"{stage}_loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(y))
-        self.log(f"{stage}_acc", metric, prog_bar=stage == "val")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "val")
