@@ -7,6 +7,7 @@ dependencies (opacus) never breaks the others.
 from lightning_methods._utils import lazy_exports
 
 _EXPORTS: dict[str, str] = {
+    "PrivacyBudget": ".privacy",
     "TeacherTrajectory": ".teacher_trajectory",
     "DistillationDiagnostics": ".distillation_diagnostics",
 }

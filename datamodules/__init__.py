@@ -14,6 +14,8 @@ _EXPORTS = {
     "MNISTDataModule": ".vision",
     "MNIST1DDataModule": ".vision",
     "TabularDataModule": ".tabular",
+    "CounterexampleDataModule": ".private_features",
+    "PretrainedFeaturesDataModule": ".private_features",
 }
 
 __all__ = sorted(_EXPORTS)

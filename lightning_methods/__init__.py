@@ -16,6 +16,7 @@ _EXPORTS = {
     "exaggeration_slope": ".distillation_diagnostics",
     "ClassifierModule": ".classifier",
     "nets": ".nets",
+    "DPSGDFModule": ".dpsgd_f",
 }
 
 __all__ = sorted(_EXPORTS)
