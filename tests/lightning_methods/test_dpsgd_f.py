@@ -1,11 +1,12 @@
-"""DPSGDFModule: the private preprocessing math, Opacus accounting, clipping, DDP, resume, refusals, README example."""
+"""DPSGDFModule: the private preprocessing math, Opacus accounting, clipping, DDP, resume, refusals.
+
+The configs under configs/dpsgd_f/ run through tests/test_configs.py; the README example through tests/test_readme.py.
+"""
 
 from __future__ import annotations
 
 import functools
 import math
-import re
-from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -34,7 +35,6 @@ from lightning_methods.dpsgd_f import (
 from lightning_methods.nets import MLP
 from tests.helpers import cpu_trainer, ddp_trainer
 
-ROOT = Path(__file__).resolve().parents[2]
 SGD = functools.partial(torch.optim.SGD, lr=1.0)
 
 
@@ -418,16 +418,3 @@ def test_refuses_bad_arguments(kwargs, match):
 def test_refuses_unbounded_training_without_fixed_noise():
     with pytest.raises(ValueError, match="max_epochs"):
         cpu_trainer(max_epochs=-1, num_sanity_val_steps=0).fit(module(), DigitsDataModule())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The README example runs as written
-# ---------------------------------------------------------------------------------------------------------------
-def test_readme_example_runs():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("<!-- section:dpsgd_f -->")[1].split("<!-- /section:dpsgd_f -->")[0]
-    code = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert code, "the DPSGDFModule README section has no Python example"
-    namespace: dict = {}
-    exec(compile(code.group(1), "README.md", "exec"), namespace)
-    assert namespace["module"].epsilon <= 1.0
