@@ -17,6 +17,7 @@ _EXPORTS = {
     "ClassifierModule": ".classifier",
     "nets": ".nets",
     "DPSGDFModule": ".dpsgd_f",
+    "ResMem": ".resmem",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,636 @@
+"""ResMem: residual memorization with k-nearest neighbours.
+
+Yang, Lukasik, Nagarajan, Li, Rawat, Zaheer, Menon, Kumar. *ResMem: Learn what you can and memorize the rest.*
+NeurIPS 2023, arXiv:2302.01576.
+
+The paper's two-stage algorithm (Sec. 3, Fig. 1), and where each step lives below:
+
+1. Train a base model ``f`` as usual (:class:`~lightning_methods.classifier.ClassifierModule`'s training: ``fit``).
+2. On the training set, memorize the residuals ``r_i = y_i - f(x_i)`` (:meth:`ResMem.build_memory`). For
+   classification (DeepResMem, Sec. 5) ``y_i`` is one-hot and ``f(x) = softmax(z(x) / T)`` with temperature ``T``:
+   with ``T = 1`` an interpolating network leaves ~0 residuals, so ``T`` is a hyperparameter (:func:`residuals`).
+3. At test time add the residuals of the ``k`` nearest training points in embedding space, weighted by
+   ``w_i(x) ∝ exp(-||phi(x) - phi(x_i)|| / sigma)`` normalised over the ``k``:
+   ``f_ResMem(x) = f(x) + sum_i w_i(x) r_i`` (:func:`resmem_weights`, :func:`combine`, :meth:`ResMem.predict`).
+   ``phi`` is the base model's penultimate (pre-logit) representation, L2-normalised so ``sigma`` does not depend
+   on its scale. The classifier predicts ``argmax f_ResMem(x)``, which is not a distribution.
+4. ``(k, sigma, T)`` are chosen on held-out data (:meth:`ResMem.tune`), or leave-one-out on the memory itself,
+   where a training point is never its own neighbour.
+
+Regression (``task="regression"``) is the same with ``f(x)`` the model's output and ``r_i = y_i - f(x_i)``.
+The nearest neighbours are exact (:mod:`lightning_methods._knn`: blocked matrix multiply + top-k in torch, or faiss).
+
+Section numbers follow arXiv v2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import itertools
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torchmetrics import MeanSquaredError
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_methods._knn import BACKENDS, build_knn_index, faiss_available
+from lightning_methods._utils import check_targets
+from lightning_methods.classifier import ClassifierModule, hard_targets, soft_cross_entropy
+
+__all__ = ["ResMem", "residuals", "resmem_weights", "combine", "base_prediction", "DEFAULT_TUNE_GRID"]
+
+TASKS = ("classification", "regression")
+#: the grid of :meth:`ResMem.tune` when none is given (the paper-brief's CPU-scale grid)
+DEFAULT_TUNE_GRID: dict[str, list[float]] = {"k": [5, 20, 50], "sigma": [0.05, 0.2], "temperature": [1.0, 2.0]}
+_MEMORY = ("memory_embeddings", "memory_outputs", "memory_targets")
+
+
+# -- the math of ResMem (pure functions) ---------------------------------------------------------------------------
+def base_prediction(outputs: torch.Tensor, temperature: float, task: str = "classification") -> torch.Tensor:
+    """The base model's prediction ``f(x)``: ``softmax(z / T)`` for classification, the output for regression."""
+    return torch.softmax(outputs / temperature, dim=-1) if task == "classification" else outputs
+
+
+def residuals(targets: torch.Tensor, outputs: torch.Tensor, temperature: float, task: str = "classification") -> torch.Tensor:
+    """``r = y - f(x)`` with ``f`` from :func:`base_prediction` (targets one-hot/soft for classification)."""
+    return targets - base_prediction(outputs, temperature, task)
+
+
+def resmem_weights(sq_dists: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``w_i ∝ exp(-||phi(x) - phi(x_i)|| / sigma)``, normalised over the last dimension (the ``k`` neighbours).
+
+    Args:
+        sq_dists: squared Euclidean distances to the neighbours, ``(..., k)``.
+        sigma: bandwidth; small values put all the weight on the nearest neighbour.
+    """
+    return torch.softmax(-sq_dists.clamp_min(0).sqrt() / sigma, dim=-1)
+
+
+def combine(base: torch.Tensor, neighbour_residuals: torch.Tensor, sq_dists: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``f(x) + sum_i w_i r_i``: base predictions ``(N, C)``, residuals ``(N, k, C)``, squared distances ``(N, k)``."""
+    return base + (resmem_weights(sq_dists, sigma).unsqueeze(-1) * neighbour_residuals).sum(1)
+
+
+# -- small private helpers -----------------------------------------------------------------------------------------
+def _check_hyperparameters(k: Any, sigma: Any, temperature: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` (neighbours) must be a positive integer, got {k!r}.")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0:
+        raise ValueError(f"`sigma` (kernel bandwidth) must be a positive number, got {sigma!r}.")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"`temperature` must be a positive number, got {temperature!r}.")
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _gather_in_order(local: torch.Tensor, n: int, world: int) -> torch.Tensor:
+    """All-gather rows ``rank, rank + world, ...`` of every rank back into rows ``0 .. n - 1`` on every rank."""
+    per_rank = -(-n // world)
+    padded = local.new_zeros((per_rank, *local.shape[1:]))
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.stack(parts, dim=1).reshape(per_rank * world, *local.shape[1:])[:n]
+
+
+def _resize_memory_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """Let ``load_state_dict`` replace the memory whatever its size (an empty memory included)."""
+    for name in _MEMORY:
+        value = state_dict.get(prefix + name)
+        if value is not None:
+            setattr(module, name, torch.empty_like(value, device=getattr(module, name).device))
+    module._memory_version += 1
+
+
+class _Capture:
+    """A forward hook that keeps a submodule's output (the embedding) during one forward pass."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer, self.output = layer, None
+
+    def __enter__(self) -> _Capture:
+        self.handle = self.layer.register_forward_hook(self._hook)
+        return self
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self.output = output[0] if isinstance(output, (tuple, list)) else output
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+
+class ResMem(ClassifierModule):
+    """ResMem (Yang et al., NeurIPS 2023): a base model plus a k-nearest-neighbour memory of its training residuals.
+
+    ``fit`` trains the injected backbone exactly like :class:`~lightning_methods.classifier.ClassifierModule` (or
+    not at all with ``max_epochs=0``: wrap an already trained backbone), then builds the memory in one pass over the
+    training set: the L2-normalised output of ``embedding_layer`` (a submodule name, read with a forward hook, so any
+    backbone works unchanged), the model's outputs and the targets of every training example. Under DDP each rank
+    embeds an interleaved shard and the shards are all-gathered, so every rank holds the full memory, in dataset
+    order. With ``tune_on_val`` it then picks ``(k, sigma, temperature)`` on the validation split. Predictions are
+    ``f(x) + sum_i w_i r_i`` over the ``k`` nearest training points (see the module docstring for the equations).
+
+    Logs ``val_acc`` / ``test_acc`` (the base model) and ``val_resmem_acc`` / ``test_resmem_acc`` (ResMem) with
+    torchmetrics once the memory exists (``*_mse`` / ``*_resmem_mse`` for regression); ``predict_step`` returns
+    ResMem scores ``(N, C)`` (argmax for the class) or regression outputs.
+
+    Args:
+        model: the backbone, returning logits ``(N, C)`` (classification) or predictions ``(N,)`` / ``(N, D)``.
+        num_classes: number of classes (the CLI links it from the datamodule); leave unset for regression.
+        embedding_layer: name of the submodule whose output is the embedding (``"avgpool"`` for a torchvision
+            ResNet); defaults to the backbone's ``PENULTIMATE`` attribute (``"embedding"`` for :mod:`~lightning_methods.nets`).
+        k: neighbours per prediction.
+        sigma: bandwidth of the weights ``exp(-distance / sigma)`` (distances between unit vectors are in [0, 2]).
+        temperature: ``T`` of ``softmax(z / T)`` in the base prediction and the residuals (classification).
+        task: ``"classification"`` or ``"regression"``.
+        normalize: L2-normalise embeddings (the paper's choice; keeps ``sigma`` scale-free).
+        tune_on_val: after building the memory in ``fit``, pick ``(k, sigma, temperature)`` on the validation split.
+        tune_grid: the grid of ``tune_on_val``: ``{"k": [...], "sigma": [...], "temperature": [...]}``; a key left
+            out keeps its value; ``None`` uses :data:`DEFAULT_TUNE_GRID`.
+        knn_backend: ``"torch"`` (exact blocked search on the model's device) or ``"faiss"`` (``IndexFlatL2``, CPU;
+            needs ``faiss-cpu``); both return the same neighbours.
+        block_size: keys per tile of the torch search (a tile holds ``512 x block_size`` scores).
+        memory_batch_size: batch size of the memory pass and of tuning.
+        save_path: where to write a checkpoint (weights, memory, chosen hyperparameters) once ``fit`` has built the
+            memory. Checkpoints that ``ModelCheckpoint`` writes during ``fit`` predate the memory.
+        optimizer: optimizer of the base model's training (as ``ClassifierModule``).
+        lr_scheduler: optional scheduler (as ``ClassifierModule``).
+        label_smoothing: label smoothing of the base model's training loss (classification).
+
+    Note:
+        The memory is built from the final weights, when training ends (or at the start of ``fit`` when there is
+        nothing to train), from ``datamodule.dataset("train")`` (unaugmented) when the datamodule has it, else from
+        the training dataloader's dataset, in order and without its sampler. It is part of the ``state_dict`` (the
+        ``memory_*`` buffers, with ``k``, ``sigma`` and ``temperature`` as extra state), so it is saved in
+        checkpoints, restored by ``load_from_checkpoint`` and sent back from ``ddp_spawn`` workers; loading a
+        checkpoint written before the memory existed empties it. Memory size is ``N x (dim + 2 C)`` floats.
+
+    Example::
+
+        >>> from lightning_methods.nets import MLP
+        >>> from torch.utils.data import TensorDataset
+        >>> resmem = ResMem(MLP(in_features=8, num_classes=3, hidden_sizes=[16]), num_classes=3, k=4)
+        >>> resmem.build_memory(TensorDataset(torch.randn(32, 8), torch.randint(0, 3, (32,))))
+        >>> resmem.memory_size, resmem.predict(torch.randn(5, 8)).shape
+        (32, torch.Size([5, 3]))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int | None = None,
+        embedding_layer: str | None = None,
+        k: int = 20,
+        sigma: float = 0.1,
+        temperature: float = 1.0,
+        task: Literal["classification", "regression"] = "classification",
+        normalize: bool = True,
+        tune_on_val: bool = False,
+        tune_grid: dict[str, list[float]] | None = None,
+        knn_backend: Literal["torch", "faiss"] = "torch",
+        block_size: int = 4096,
+        memory_batch_size: int = 512,
+        save_path: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"`task` must be one of {TASKS}, got {task!r}.")
+        if task == "regression" and num_classes is not None:
+            raise ValueError("`num_classes` is for classification: leave it unset with `task='regression'`.")
+        # the parent's accuracy metrics go unused in regression; a placeholder class count keeps its checks happy
+        super().__init__(
+            model, num_classes if task == "classification" else 2, optimizer, lr_scheduler, label_smoothing
+        )
+        _check_hyperparameters(k, sigma, temperature)
+        if knn_backend not in BACKENDS:
+            raise ValueError(f"`knn_backend` must be one of {BACKENDS}, got {knn_backend!r}.")
+        if knn_backend == "faiss" and not faiss_available():
+            raise ValueError("`knn_backend='faiss'` needs faiss (`pip install faiss-cpu`); or use 'torch' (exact, same results).")
+        for name, value in (("block_size", block_size), ("memory_batch_size", memory_batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        self.task = task
+        self.num_classes = num_classes
+        self.embedding_layer = self._resolve_embedding_layer(model, embedding_layer)
+        self.k, self.sigma, self.temperature = k, float(sigma), float(temperature)
+        self.normalize = normalize
+        self.tune_on_val = tune_on_val
+        self.tune_grid = self._check_grid(tune_grid) if tune_grid is not None else None
+        self.knn_backend = knn_backend
+        self.block_size = block_size
+        self.memory_batch_size = memory_batch_size
+        self.save_path = save_path
+        for name in _MEMORY:
+            self.register_buffer(name, torch.empty(0))
+        self._memory_version = 0
+        self._knn_cache: tuple[tuple, Any] | None = None
+        self.register_load_state_dict_pre_hook(_resize_memory_hook)
+        if task == "classification":
+            self.val_resmem_acc = MulticlassAccuracy(num_classes, average="micro")
+            self.test_resmem_acc = MulticlassAccuracy(num_classes, average="micro")
+        else:
+            self.val_mse, self.val_resmem_mse = MeanSquaredError(), MeanSquaredError()
+            self.test_mse, self.test_resmem_mse = MeanSquaredError(), MeanSquaredError()
+
+    # -- configuration checks ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _resolve_embedding_layer(model: nn.Module, name: str | None) -> str:
+        if name is None:
+            name = getattr(model, "PENULTIMATE", None)
+            if name is None:
+                raise ValueError(
+                    f"`embedding_layer` is not set and {type(model).__name__} has no `PENULTIMATE` attribute: name the "
+                    "submodule whose output is the embedding, e.g. `embedding_layer='avgpool'` for a torchvision ResNet."
+                )
+        if not isinstance(name, str):
+            raise TypeError(f"`embedding_layer` must be a submodule name (str), got {type(name).__name__}.")
+        names = [n for n, _ in model.named_modules() if n]
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=5) or names[:10]
+            raise ValueError(
+                f"`embedding_layer={name!r}`: {type(model).__name__} has no submodule of that name. "
+                f"Pick the layer whose output is the penultimate representation; candidates: {close}."
+            )
+        return name
+
+    @staticmethod
+    def _check_grid(grid: dict[str, Sequence[float]]) -> dict[str, list]:
+        if not isinstance(grid, dict) or not set(grid) <= set(DEFAULT_TUNE_GRID):
+            raise ValueError(f"`tune_grid` must be a dict with keys among {sorted(DEFAULT_TUNE_GRID)}, got {grid!r}.")
+        checked: dict[str, list] = {}
+        for key, values in grid.items():
+            values = list(values) if isinstance(values, (list, tuple)) else [values]
+            if not values:
+                raise ValueError(f"`tune_grid[{key!r}]` is empty.")
+            if key == "k":
+                if any(float(v) != int(v) for v in values):
+                    raise ValueError(f"`tune_grid['k']` must hold integers, got {values!r}.")
+                values = [int(v) for v in values]
+            else:
+                values = [float(v) for v in values]
+            checked[key] = values
+        for k, s, t in itertools.product(checked.get("k", [1]), checked.get("sigma", [1.0]), checked.get("temperature", [1.0])):
+            _check_hyperparameters(k, s, t)
+        return checked
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer else None
+        if self.task == "classification":
+            super().setup(stage)
+        input_shape = getattr(dm, "input_shape", None)
+        if input_shape is not None:  # the layer must run in forward and give one vector per example
+            param = next(self.model.parameters(), None)
+            probe = torch.zeros(2, *input_shape, device=self.device, dtype=param.dtype if param is not None else None)
+            was_training = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                self._forward_with_embedding(probe)
+            self.model.train(was_training)
+        if stage == "fit" and dm is not None and callable(getattr(dm, "dataset", None)):
+            n = len(dm.dataset("train"))
+            if self.k > n:
+                raise ValueError(f"`k={self.k}` is larger than the training set ({n} examples): the memory holds {n}.")
+            if self.tune_on_val and len(dm.dataset("val")) == 0:
+                raise ValueError("`tune_on_val=True` needs a validation split; the datamodule's is empty.")
+
+    # -- the embedding pass ----------------------------------------------------------------------------------------
+    def _forward_with_embedding(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward of the backbone: its outputs and the (normalised) embedding, flattened to ``(N, dim)``."""
+        layer = self.model.get_submodule(self.embedding_layer)
+        with _Capture(layer) as captured:
+            outputs = self.model(x)
+        if not isinstance(captured.output, torch.Tensor):
+            raise ValueError(
+                f"`embedding_layer={self.embedding_layer!r}` ({type(layer).__name__}) did not produce a tensor in "
+                f"{type(self.model).__name__}'s forward (is it called there?). Pick a submodule that forward runs."
+            )
+        if captured.output.shape[0] != outputs.shape[0]:
+            raise ValueError(
+                f"`embedding_layer={self.embedding_layer!r}` outputs shape {tuple(captured.output.shape)}, not one "
+                f"row per example ({outputs.shape[0]}): pick a layer whose output is (batch, ...)."
+            )
+        emb = captured.output.flatten(1).float()
+        return outputs, F.normalize(emb, dim=1) if self.normalize else emb
+
+    def _flat_outputs(self, outputs: torch.Tensor) -> torch.Tensor:
+        if self.task == "classification":
+            if outputs.ndim != 2 or outputs.shape[1] != self.num_classes:
+                raise ValueError(
+                    f"The backbone outputs shape {tuple(outputs.shape)}, expected (batch, num_classes={self.num_classes})."
+                )
+            return outputs.float()
+        return outputs.reshape(len(outputs), -1).float()
+
+    def _memory_targets(self, targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        if self.task == "classification":
+            check_targets(outputs, targets)
+            return F.one_hot(targets, self.num_classes).float() if targets.ndim == 1 else targets.float()
+        flat = outputs.reshape(len(outputs), -1)
+        if targets.numel() != flat.numel():
+            raise ValueError(f"Regression targets of shape {tuple(targets.shape)} do not match outputs {tuple(outputs.shape)}.")
+        return targets.reshape(flat.shape).float()
+
+    @torch.no_grad()
+    def embed(self, data: Dataset | DataLoader, batch_size: int | None = None) -> tuple[torch.Tensor, ...]:
+        """Embeddings, outputs and targets of every example of ``data``, in order, on every rank.
+
+        One pass of the backbone in eval mode. Under ``torch.distributed`` each rank embeds examples
+        ``rank, rank + world, ...`` and the shards are all-gathered (so the result equals the 1-process one).
+
+        Args:
+            data: a map-style dataset of ``(inputs, targets)`` pairs, or a DataLoader over one (its dataset and
+                ``collate_fn`` are used; its sampler, shuffling included, is not).
+            batch_size: examples per forward; defaults to ``memory_batch_size``.
+
+        Returns:
+            ``(embeddings (N, dim), outputs (N, C), targets (N, C))`` with one-hot or soft targets for classification.
+        """
+        collate = None
+        if isinstance(data, DataLoader):
+            data, collate = data.dataset, data.collate_fn
+        if isinstance(data, IterableDataset) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+            raise TypeError(f"ResMem needs a map-style dataset (indexable, with a length), got {type(data).__name__}.")
+        world, rank = _world()
+        n = len(data)
+        if n < world:
+            raise ValueError(f"The dataset has {n} examples, fewer than the {world} processes that share it.")
+        loader = DataLoader(
+            Subset(data, range(rank, n, world)), batch_size=batch_size or self.memory_batch_size, shuffle=False, collate_fn=collate
+        )
+        was_training = self.model.training
+        self.model.eval()
+        parts: list[list[torch.Tensor]] = [[], [], []]
+        try:
+            for batch in loader:
+                x, y = move_data_to_device((batch[0], batch[1]), self.device)
+                outputs, emb = self._forward_with_embedding(x)
+                for store, value in zip(parts, (emb, self._flat_outputs(outputs), self._memory_targets(y, outputs))):
+                    store.append(value)
+        finally:
+            self.model.train(was_training)
+        local = [torch.cat(p) for p in parts]
+        return tuple(_gather_in_order(t, n, world) for t in local) if world > 1 else tuple(local)
+
+    # -- the memory ------------------------------------------------------------------------------------------------
+    @property
+    def has_memory(self) -> bool:
+        return self.memory_embeddings.numel() > 0
+
+    @property
+    def memory_size(self) -> int:
+        """Number of training examples in the memory (0 before it is built)."""
+        return self.memory_embeddings.shape[0] if self.has_memory else 0
+
+    @property
+    def memory_residuals(self) -> torch.Tensor:
+        """The memorized residuals ``r_i = y_i - f(x_i)`` at the current temperature, ``(N, C)``."""
+        self._require_memory()
+        return residuals(self.memory_targets, self.memory_outputs, self.temperature, self.task)
+
+    def build_memory(self, data: Dataset | DataLoader, batch_size: int | None = None) -> None:
+        """Embed the training set once and memorize it (see :meth:`embed` for ``data`` and DDP behaviour).
+
+        ``fit`` calls this when training ends; call it yourself to wrap a trained backbone without a Trainer.
+        Outputs (logits) rather than residuals are stored, so the temperature can be tuned without a rebuild.
+        """
+        embeddings, outputs, targets = self.embed(data, batch_size)
+        if self.k > len(embeddings):
+            raise ValueError(f"`k={self.k}` is larger than the memory ({len(embeddings)} examples): use `k <= {len(embeddings)}`.")
+        self.memory_embeddings, self.memory_outputs, self.memory_targets = embeddings, outputs, targets
+        self._memory_version += 1
+
+    def _require_memory(self) -> None:
+        if not self.has_memory:
+            raise RuntimeError(
+                "ResMem has no memory yet: fit it (the memory is built when training ends), call "
+                "`build_memory(train_dataset)`, or load a checkpoint written after the memory was built (`save_path`)."
+            )
+
+    def search(self, embeddings: torch.Tensor, k: int | None = None, exclude: torch.Tensor | None = None):
+        """Exact ``k`` nearest memory entries of (normalised) embeddings: ``(squared_distances, indices)``."""
+        self._require_memory()
+        key = (self._memory_version, self.memory_embeddings.device, self.memory_embeddings.dtype, self.knn_backend, self.block_size)
+        if self._knn_cache is None or self._knn_cache[0] != key:
+            self._knn_cache = (key, build_knn_index(self.memory_embeddings, self.knn_backend, self.block_size))
+        return self._knn_cache[1].search(embeddings, self.k if k is None else k, exclude)
+
+    def _combine(self, outputs: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        sq_dists, idx = self.search(embeddings)
+        r = residuals(self.memory_targets[idx], self.memory_outputs[idx], self.temperature, self.task)
+        base = base_prediction(self._flat_outputs(outputs), self.temperature, self.task)
+        return combine(base, r, sq_dists, self.sigma)
+
+    @torch.no_grad()
+    def predict(self, x: Any) -> torch.Tensor:
+        """ResMem prediction ``f(x) + sum_i w_i r_i`` for a batch of inputs (call ``eval()`` first, as for ``forward``).
+
+        Returns scores ``(N, C)`` for classification (argmax gives the class; not a distribution) or predictions in
+        the backbone's output shape for regression.
+        """
+        self._require_memory()
+        outputs, emb = self._forward_with_embedding(x)
+        return self._combine(outputs, emb).reshape(outputs.shape)
+
+    # -- choosing (k, sigma, T) ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def tune(
+        self,
+        data: Dataset | DataLoader | None = None,
+        k: Sequence[int] | None = None,
+        sigma: Sequence[float] | None = None,
+        temperature: Sequence[float] | None = None,
+        batch_size: int | None = None,
+    ) -> dict[str, Any]:
+        """Pick ``(k, sigma, temperature)`` on held-out data and set them (paper: tuned on held-out data).
+
+        The held-out set is embedded once and searched once with the largest ``k``; every grid point then reuses
+        those neighbours. With ``data=None`` the memory itself is used, leave-one-out: a training point is never
+        its own neighbour. Accuracy is maximised (classification) or mean squared error minimised (regression);
+        ties go to the first grid point in ``temperature, k, sigma`` order.
+
+        Args:
+            data: held-out ``(inputs, targets)`` data (never the training set itself), or ``None`` for leave-one-out.
+            k, sigma, temperature: candidate values; one left out keeps its current value, all left out use
+                :data:`DEFAULT_TUNE_GRID`.
+            batch_size: examples per forward; defaults to ``memory_batch_size``.
+
+        Returns:
+            ``{"k", "sigma", "temperature", "score", "base_score", "metric", "results"}`` where ``results`` lists
+            every grid point's score.
+        """
+        self._require_memory()
+        if k is None and sigma is None and temperature is None:
+            grid = self._check_grid(DEFAULT_TUNE_GRID)
+        else:
+            given = {"k": k, "sigma": sigma, "temperature": temperature}
+            grid = self._check_grid({key: v for key, v in given.items() if v is not None})
+        ks = grid.get("k", [self.k])
+        sigmas = grid.get("sigma", [self.sigma])
+        temps = grid.get("temperature", [self.temperature])
+        exclude = None
+        if data is None:
+            emb, outputs, targets = self.memory_embeddings, self.memory_outputs, self.memory_targets
+            exclude = torch.arange(len(emb), device=emb.device)
+        else:
+            emb, outputs, targets = self.embed(data, batch_size)
+        sq_dists, idx = self.search(emb, max(ks), exclude)  # raises for k larger than the memory
+
+        classification = self.task == "classification"
+        labels = targets.argmax(1) if classification else targets
+
+        def score(pred: torch.Tensor) -> float:
+            if classification:
+                return (pred.argmax(1) == labels).float().mean().item()
+            return (pred - labels).pow(2).mean().item()
+
+        better = (lambda a, b: a > b) if classification else (lambda a, b: a < b)
+        results, best = [], None
+        for t in temps:
+            base = base_prediction(outputs, t, self.task)
+            r = residuals(self.memory_targets[idx], self.memory_outputs[idx], t, self.task)
+            for kk, s in itertools.product(ks, sigmas):
+                value = score(combine(base, r[:, :kk], sq_dists[:, :kk], s))
+                results.append({"k": kk, "sigma": s, "temperature": t, "score": value})
+                if best is None or better(value, best["score"]):
+                    best = results[-1]
+        assert best is not None
+        choice = [best]
+        if _world()[0] > 1:  # identical inputs give identical choices; rank 0's is authoritative all the same
+            dist.broadcast_object_list(choice, src=0)
+        best = choice[0]
+        self.k, self.sigma, self.temperature = best["k"], best["sigma"], best["temperature"]
+        return {
+            **best,
+            "base_score": score(base_prediction(outputs, 1.0, self.task)),
+            "metric": "accuracy" if classification else "mse",
+            "results": results,
+        }
+
+    # -- Lightning hooks: training, building the memory, evaluation ----------------------------------------------
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.task == "classification":
+            return super().loss(logits, targets)
+        return F.mse_loss(self._flat_outputs(logits), self._memory_targets(targets, logits))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.task == "classification":
+            return super().training_step(batch, batch_idx)
+        loss = self.loss(self(batch[0]), batch[1])
+        self.train_loss_mean.update(loss.detach(), len(batch[1]))  # logged per epoch by ClassifierModule
+        return loss
+
+    def _nothing_to_train(self) -> bool:
+        trainer = self.trainer
+        return trainer.max_epochs == 0 or trainer.max_steps == 0 or trainer.limit_train_batches == 0
+
+    def on_fit_start(self) -> None:
+        if self._nothing_to_train():  # a trained backbone: build the memory now, on the device, under DDP
+            self._build_after_fit()
+
+    def on_train_end(self) -> None:
+        # not `on_fit_end`: by then the strategy has torn down (model moved to CPU)
+        self._build_after_fit()
+
+    def _fit_data(self, split: str) -> Dataset | DataLoader:
+        dm = self.trainer.datamodule
+        if dm is not None and callable(getattr(dm, "dataset", None)):
+            return dm.dataset(split)  # the unaugmented split
+        loader = self.trainer.train_dataloader if split == "train" else self.trainer.val_dataloaders
+        if loader is None and dm is not None:
+            loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
+        if isinstance(loader, (list, tuple)) and len(loader) == 1:
+            loader = loader[0]
+        if not isinstance(loader, DataLoader):
+            raise ValueError(
+                f"ResMem could not find the {split} data to {'memorize' if split == 'train' else 'tune on'}: fit with a "
+                "datamodule, or call `build_memory(train_dataset)` / `tune(val_dataset)` yourself."
+            )
+        return loader
+
+    def _build_after_fit(self) -> None:
+        self.build_memory(self._fit_data("train"))
+        if self.tune_on_val:
+            grid = self.tune_grid or DEFAULT_TUNE_GRID
+            result = self.tune(self._fit_data("val"), **grid)
+            rank_zero_info(
+                f"ResMem tuned on the validation split: k={result['k']}, sigma={result['sigma']}, "
+                f"temperature={result['temperature']}: {result['metric']} {result['base_score']:.4f} (base) -> "
+                f"{result['score']:.4f} (ResMem)."
+            )
+        if self.save_path:
+            self.trainer.save_checkpoint(self.save_path)
+
+    def _warn_without_memory(self) -> None:
+        if not self.has_memory:
+            rank_zero_warn("ResMem has no memory yet: logging the base model's metrics only (fit or `build_memory` first).")
+
+    def on_validation_start(self) -> None:
+        if not self.trainer.sanity_checking and self.trainer.state.fn != "fit":
+            self._warn_without_memory()
+
+    def on_test_start(self) -> None:
+        self._warn_without_memory()
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        # one forward gives the base model's outputs and the embedding; metrics accumulate and are logged once per
+        # epoch, as ClassifierModule does
+        x, y = batch[0], batch[1]
+        outputs, emb = self._forward_with_embedding(x)
+        if self.task == "classification":
+            labels = hard_targets(y)
+            getattr(self, f"{stage}_acc").update(outputs, labels)
+            self.log(f"{stage}_loss", soft_cross_entropy(outputs, y), prog_bar=stage == "val", sync_dist=True, batch_size=len(y))
+            if self.has_memory:
+                getattr(self, f"{stage}_resmem_acc").update(self._combine(outputs, emb), labels)
+            return
+        targets = self._memory_targets(y, outputs)
+        getattr(self, f"{stage}_mse").update(self._flat_outputs(outputs), targets)
+        if self.has_memory:
+            getattr(self, f"{stage}_resmem_mse").update(self._combine(outputs, emb), targets)
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        names = ("resmem_acc",) if self.task == "classification" else ("mse", "resmem_mse")
+        for name in names:
+            metric = getattr(self, f"{stage}_{name}")
+            if metric.update_count:  # compute() syncs across DDP ranks
+                self.log(f"{stage}_{name}", metric.compute(), prog_bar=stage == "val")
+            metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._log_epoch_metrics("test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self.predict(x)
+
+    # -- state -----------------------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"k": self.k, "sigma": self.sigma, "temperature": self.temperature}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        _check_hyperparameters(state["k"], state["sigma"], state["temperature"])
+        self.k, self.sigma, self.temperature = state["k"], state["sigma"], state["temperature"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_knn_cache"] = None  # a faiss index does not pickle (ddp_spawn, deepcopy); it is rebuilt on demand
+        return state
