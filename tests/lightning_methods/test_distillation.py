@@ -205,21 +205,24 @@ def test_resume_reloads_the_teacher_and_matches_an_uninterrupted_run(teacher_dir
         pl.seed_everything(0)
         return DistillationModule(student_net(), teacher_net(), num_classes=10, temperature=2.0, teacher_checkpoint=path)
 
-    def fit(m, epochs, **kwargs):
-        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-        trainer = cpu_trainer(max_epochs=epochs, limit_train_batches=4, limit_val_batches=0, enable_checkpointing=True, callbacks=[checkpoint])
+    def fit(m, epochs, run, **kwargs):
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / run, save_last=True)
+        trainer = cpu_trainer(
+            max_epochs=epochs, limit_train_batches=4, limit_val_batches=0, enable_checkpointing=True, callbacks=[checkpoint]
+        )
         trainer.fit(m, digits(shuffle=False), **kwargs)
         return m
 
-    straight = fit(module(), 3)
-    fit(module(), 2)
-    resumed = fit(module(), 3, ckpt_path=str(tmp_path / "last.ckpt"))
-    for a, b in zip(straight.student.parameters(), resumed.student.parameters()):
-        assert torch.allclose(a, b, atol=1e-6)
+    straight = fit(module(), 3, "straight")
+    interrupted = fit(module(), 2, "interrupted")
+    resumed = fit(module(), 3, "interrupted", ckpt_path=str(tmp_path / "interrupted" / "last.ckpt"))
+    assert resumed.trainer.global_step == 12 and resumed.trainer.current_epoch == 3
+    for a, b, c in zip(straight.student.parameters(), resumed.student.parameters(), interrupted.student.parameters()):
+        assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c, atol=1e-4)
     # the student checkpoint is a ClassifierModule checkpoint of the student
-    classifier = ClassifierModule.load_from_checkpoint(tmp_path / "last.ckpt", model=student_net())
+    classifier = ClassifierModule.load_from_checkpoint(tmp_path / "interrupted" / "last.ckpt", model=student_net())
     assert torch.equal(classifier.model.head.weight, resumed.student.head.weight)
-    reloaded = DistillationModule.load_from_checkpoint(tmp_path / "last.ckpt", student=student_net(), teacher=teacher_net())
+    reloaded = DistillationModule.load_from_checkpoint(tmp_path / "interrupted" / "last.ckpt", student=student_net(), teacher=teacher_net())
     assert reloaded.temperature == 2.0 and reloaded.teacher_checkpoint == path
 
 

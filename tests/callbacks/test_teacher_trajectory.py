@@ -1,0 +1,167 @@
+"""TeacherTrajectory: checkpoint ordering, the schedule (teacher checkpoint e at student epoch e), resume, the clear
+errors, and a 2-process DDP run (every rank loads the same checkpoint; weights equal the 1-process run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, DistributedSampler
+
+from callbacks import TeacherTrajectory
+from callbacks.teacher_trajectory import list_checkpoints
+from datamodules import DigitsDataModule
+from lightning_methods import ClassifierModule, DistillationModule
+from lightning_methods.distillation import load_backbone_weights
+from tests.helpers import cpu_trainer, ddp_trainer
+from tests.lightning_methods.test_distillation import (  # noqa: F401  (teacher_dir is a fixture)
+    TEACHER_EPOCHS,
+    digits,
+    student_net,
+    teacher_dir,
+    teacher_net,
+)
+
+
+class _RecordTeacher(pl.Callback):
+    """At each epoch start (after the trajectory's), which checkpoint the teacher holds; one JSON line per rank."""
+
+    def __init__(self, heads: list[torch.Tensor], out: Path | None = None) -> None:
+        self.heads, self.out, self.seen = heads, out, []
+
+    def on_train_epoch_start(self, trainer, module):
+        held = module.teacher.head.weight.detach().cpu()
+        (index,) = [i for i, head in enumerate(self.heads) if torch.equal(head, held)]
+        self.seen.append((trainer.current_epoch, index))
+        if self.out is not None:
+            with open(self.out / f"rank{trainer.global_rank}.jsonl", "a") as f:
+                f.write(json.dumps([trainer.current_epoch, index]) + "\n")
+
+
+class _InOrderDigits(DigitsDataModule):
+    """Digits without shuffling under DDP too: Lightning's own DistributedSampler always shuffles training data, so
+    rank r reads examples r, r + 2, ... and the two ranks' batches of 8 are exactly one process's batch of 16."""
+
+    def train_dataloader(self) -> DataLoader:
+        self._require_setup()
+        sampler = DistributedSampler(self.train_dataset, shuffle=False) if dist.is_initialized() else None
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler)
+
+
+def _heads(teacher_dir: Path) -> list[torch.Tensor]:
+    return [load_backbone_weights(p, teacher_net()).head.weight.detach() for p in list_checkpoints(teacher_dir)]
+
+
+def _module() -> DistillationModule:
+    pl.seed_everything(0)
+    return DistillationModule(student_net(), teacher_net(), num_classes=10, temperature=2.0)
+
+
+def test_checkpoints_are_listed_in_training_order(tmp_path):
+    for name in ["epoch=10.ckpt", "epoch=2.ckpt", "last.ckpt", "epoch=1-step=50.ckpt", "epoch=1-step=20.ckpt", "notes.txt"]:
+        (tmp_path / name).write_bytes(b"")
+    assert [Path(p).name for p in list_checkpoints(tmp_path)] == [
+        "epoch=1-step=20.ckpt", "epoch=1-step=50.ckpt", "epoch=2.ckpt", "epoch=10.ckpt"
+    ]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ["t10.pt", "t2.pt", "t1.pt"]:
+        (plain / name).write_bytes(b"")
+    assert [Path(p).name for p in list_checkpoints(plain, "*.pt")] == ["t1.pt", "t2.pt", "t10.pt"]
+
+
+def test_index_for_epoch():
+    paths = [f"c{i}.ckpt" for i in range(4)]
+    assert [TeacherTrajectory(paths).index_for_epoch(e) for e in range(6)] == [0, 1, 2, 3, 3, 3]
+    assert [TeacherTrajectory(paths, epochs_per_checkpoint=2).index_for_epoch(e) for e in range(6)] == [0, 0, 1, 1, 2, 2]
+    assert [TeacherTrajectory(paths, schedule=[0, 0, 3, 1]).index_for_epoch(e) for e in range(6)] == [0, 0, 3, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [({}, [0, 1, 2, 3]), ({"schedule": [0, 2, 5]}, [0, 2, 5, 5]), ({"epochs_per_checkpoint": 3}, [0, 0, 0, 1])],
+    ids=["epoch", "schedule", "every-3"],
+)
+def test_student_epoch_e_distils_from_the_scheduled_checkpoint(teacher_dir, kwargs, expected):
+    record = _RecordTeacher(_heads(teacher_dir))
+    trajectory = TeacherTrajectory(str(teacher_dir), **kwargs)
+    trainer = cpu_trainer(max_epochs=4, limit_train_batches=2, limit_val_batches=0, callbacks=[trajectory, record])
+    trainer.fit(_module(), digits())
+    assert record.seen == list(enumerate(expected))
+    assert len(trajectory.paths) == TEACHER_EPOCHS and trajectory.current_index == expected[-1]
+    assert trainer.callback_metrics["teacher_index"] == expected[-1]
+
+
+def test_resume_restores_the_position_and_matches_an_uninterrupted_run(teacher_dir, tmp_path):
+    heads = _heads(teacher_dir)
+
+    def fit(epochs: int, run: str, **kwargs):
+        module, record, trajectory = _module(), _RecordTeacher(heads), TeacherTrajectory(str(teacher_dir))
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / run, save_last=True)
+        trainer = cpu_trainer(
+            max_epochs=epochs, limit_train_batches=3, limit_val_batches=0, enable_checkpointing=True,
+            callbacks=[trajectory, record, checkpoint],
+        )
+        trainer.fit(module, digits(shuffle=False), **kwargs)
+        return module, record, trajectory
+
+    straight, straight_record, _ = fit(4, "straight")
+    fit(2, "interrupted")
+    saved = torch.load(tmp_path / "interrupted" / "last.ckpt", weights_only=True)["callbacks"]["TeacherTrajectory"]
+    assert saved["current_index"] == 1 and len(saved["paths"]) == TEACHER_EPOCHS
+    resumed, record, trajectory = fit(4, "interrupted", ckpt_path=str(tmp_path / "interrupted" / "last.ckpt"))
+    assert trajectory.restored_index == 1
+    assert record.seen == [(2, 2), (3, 3)] and straight_record.seen == [(e, e) for e in range(4)]
+    for a, b in zip(straight.student.parameters(), resumed.student.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_trajectory_errors(teacher_dir, tmp_path):
+    with pytest.raises(TypeError, match="`checkpoints` must be"):
+        TeacherTrajectory(3)
+    with pytest.raises(ValueError, match="`epochs_per_checkpoint`"):
+        TeacherTrajectory(str(teacher_dir), epochs_per_checkpoint=0)
+    with pytest.raises(ValueError, match="`schedule`"):
+        TeacherTrajectory(str(teacher_dir), schedule=[0, -1])
+
+    def fails(callback, module, error, match):
+        trainer = cpu_trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[callback])
+        with pytest.raises(error, match=match):
+            trainer.fit(module, digits())
+        assert trainer.global_step == 0
+
+    fails(TeacherTrajectory(str(tmp_path / "missing")), _module(), FileNotFoundError, "is not a directory")
+    (tmp_path / "empty").mkdir()
+    fails(TeacherTrajectory(str(tmp_path / "empty")), _module(), ValueError, "holds no files matching")
+    fails(TeacherTrajectory(str(teacher_dir), schedule=[0, 9]), _module(), ValueError, "refers to checkpoint 9")
+    fails(TeacherTrajectory(str(teacher_dir)), ClassifierModule(student_net(), num_classes=10), TypeError, "DistillationModule")
+    cached = DistillationModule(student_net(), teacher_net(), num_classes=10, cache_teacher_logits=True)
+    fails(TeacherTrajectory(str(teacher_dir)), cached, ValueError, "cache_teacher_logits=False")
+    wrong = DistillationModule(student_net(), student_net(), num_classes=10)  # the teacher's architecture differs
+    fails(TeacherTrajectory(str(teacher_dir)), wrong, ValueError, "`checkpoints=.*` holds weights of another architecture")
+
+
+def test_ddp_two_processes_load_the_same_checkpoints_and_match_one_process(teacher_dir, tmp_path):
+    heads = _heads(teacher_dir)
+    finals = {}
+    for name, make, batch_size in (("single", cpu_trainer, 16), ("ddp", ddp_trainer, 8)):
+        out = tmp_path / name
+        out.mkdir()
+        module = _module()
+        callbacks = [TeacherTrajectory(str(teacher_dir)), _RecordTeacher(heads, out)]
+        trainer = make(
+            max_epochs=3, limit_train_batches=4, limit_val_batches=0, callbacks=callbacks, use_distributed_sampler=False
+        )
+        trainer.fit(module, _InOrderDigits(batch_size=batch_size))
+        finals[name] = torch.cat([p.detach().flatten() for p in module.student.parameters()])
+        logs = {f.name: [tuple(json.loads(line)) for line in f.read_text().splitlines()] for f in out.iterdir()}
+        assert sorted(logs) == (["rank0.jsonl", "rank1.jsonl"] if name == "ddp" else ["rank0.jsonl"])
+        assert all(seen == [(0, 0), (1, 1), (2, 2)] for seen in logs.values()), logs
+    # batch 8 on each of 2 ranks (interleaved indices, gradients averaged) = batch 16 on one process
+    assert torch.allclose(finals["single"], finals["ddp"], atol=1e-5)
+    assert not torch.allclose(finals["single"], torch.cat([p.flatten() for p in _module().student.parameters()]))
