@@ -52,10 +52,14 @@ class PrivacyBudget(Callback):
         self._step_limit: int | None = None
         self._restored_spent: float | None = None
         self._announced = False
+        self._state_key: str | None = None
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(max_epsilon=self.max_epsilon, delta=self.delta)
+        # Lightning reads this on every hook call: build it once
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(max_epsilon=self.max_epsilon, delta=self.delta)
+        return self._state_key
 
     def _budget(self, pl_module: Any) -> tuple[float, float]:
         epsilon = self.max_epsilon if self.max_epsilon is not None else pl_module.target_epsilon

@@ -352,20 +352,29 @@ def histogram_counts(norms: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     return torch.bincount(index, minlength=len(edges) - 1).double()
 
 
-def private_radius(noisy_counts: torch.Tensor, edges: torch.Tensor, n: int, quantile: float) -> float:
-    """The DP ``quantile`` of the norms from a noisy histogram: the smallest bin edge with at most ``(1-q) n`` above.
+def private_radius(
+    noisy_counts: torch.Tensor, edges: torch.Tensor, n: int, quantile: float, noise_std: float = 0.0
+) -> float:
+    """The DP ``quantile`` of the norms from a noisy histogram: the smallest edge with at most ``(1-q) n`` above it.
 
-    Post-processing of :func:`noisy_histogram` only. The answer is a grid point, so it over-estimates the true
-    quantile by at most one grid step (a factor ``GRID_RATIO``) when the counts are exact.
+    Post-processing of :func:`noisy_histogram` only. The edges are scanned downwards from the top of the grid and
+    the scan stops at the first edge with too many examples beyond it, so noise in the (nearly full) cumulative
+    counts far below the data cannot select a tiny radius. With exact counts the answer is the grid point just
+    above the true quantile (an over-estimate by at most a factor ``GRID_RATIO``). With noise, the count beyond an
+    edge sums ``k`` noisy bins (std ``noise_std * sqrt(k)``) and is accepted within two standard deviations of the
+    target: the rule errs towards clipping a few more examples rather than towards a radius that noise pushed to
+    the top of the grid, which would shrink every preprocessed feature (the expensive mistake for DP-SGD, whose
+    noise does not shrink with them).
     """
-    above = torch.flip(torch.cumsum(torch.flip(noisy_counts, [0]), 0), [0])  # above[i]: noisy count in bins >= i
-    allowed = (1.0 - quantile) * n
-    # edge i+1 (the upper edge of bin i) is valid when the bins above it hold at most `allowed`
-    for i in range(len(noisy_counts)):
-        above_edge = above[i + 1] if i + 1 < len(noisy_counts) else torch.tensor(0.0)
-        if above_edge <= allowed and edges[i + 1] > 0:
-            return float(edges[i + 1])
-    return float(edges[-1])
+    bins = len(noisy_counts)
+    beyond = torch.flip(torch.cumsum(torch.flip(noisy_counts, [0]), 0), [0])  # beyond[i]: noisy count in bins >= i
+    target = (1.0 - quantile) * n
+    radius = float(edges[-1])  # nothing lies beyond the top edge
+    for i in range(bins - 1, 0, -1):  # edges[i] is the upper edge of bin i - 1; bins i.. lie beyond it
+        if float(beyond[i]) > target + 2.0 * noise_std * math.sqrt(bins - i):
+            break
+        radius = float(edges[i])
+    return radius
 
 
 class FeaturePreprocessor(nn.Module):
@@ -988,7 +997,7 @@ class DPSGDFModule(ClassifierModule):
         for feats in clipped_features():
             counts += histogram_counts((feats - centre).norm(dim=1), edges.to(self.device))
         counts = strategy.reduce(counts, reduce_op="sum").cpu()
-        radius = private_radius(noisy_histogram(counts, z_radius, generator), edges, n, self.radius_quantile)
+        radius = private_radius(noisy_histogram(counts, z_radius, generator), edges, n, self.radius_quantile, z_radius)
 
         self.preprocessor.set(mean, radius)
         ledger.record(z_mean, 1.0, 1)
