@@ -10,6 +10,8 @@ _EXPORTS: dict[str, str] = {
     "PrivacyBudget": ".privacy",
     "TeacherTrajectory": ".teacher_trajectory",
     "DistillationDiagnostics": ".distillation_diagnostics",
+    "MixupCallback": ".mixup",
+    "LinearityCallback": ".linearity",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,6 +16,7 @@ _EXPORTS = {
     "TabularDataModule": ".tabular",
     "CounterexampleDataModule": ".private_features",
     "PretrainedFeaturesDataModule": ".private_features",
+    "SemiSupervisedDataModule": ".semi_supervised",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,6 +18,7 @@ _EXPORTS = {
     "nets": ".nets",
     "DPSGDFModule": ".dpsgd_f",
     "ResMem": ".resmem",
+    "MixupConsistencyModule": ".mixup_consistency",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,413 @@
+"""MixupCallback and the k-point mixup math (Chaudhry et al. 2022, arXiv 2210.16413, Sec. 3)."""
+
+from __future__ import annotations
+
+import functools
+from collections import namedtuple
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from callbacks import LinearityCallback, MixupCallback
+from callbacks.mixup import MixingSampler, mix, mix_targets, mixup, sample_mixing
+from datamodules import DigitsDataModule
+from lightning_methods import ClassifierModule
+from lightning_methods.nets import MLP
+from tests.helpers import cpu_trainer, ddp_trainer
+
+
+# -- a user's own module and data, knowing nothing of mixup -----------------------------------------------------------
+class UserModule(pl.LightningModule):
+    """Plain module with F.cross_entropy; records every batch it sees (cloned) per stage."""
+
+    def __init__(self, in_features: int = 6, num_classes: int = 3, lr: float = 0.05) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(in_features, 16), nn.ReLU(), nn.Linear(16, num_classes))
+        self.lr = lr
+        self.seen: dict[str, list] = {"train": [], "val": [], "test": []}
+
+    def forward(self, x):
+        return self.net(x)
+
+    def _record(self, stage, batch):
+        self.seen[stage].append([t.detach().clone() for t in batch[:2]])
+
+    def training_step(self, batch, batch_idx):
+        self._record("train", batch)
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._record("val", batch)
+
+    def test_step(self, batch, batch_idx):
+        self._record("test", batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class TensorData(pl.LightningDataModule):
+    """Fixed tensors, no shuffling: every batch is known in advance."""
+
+    def __init__(self, n=11, features=6, num_classes=3, batch_size=4, collate=None, seed=0, with_classes=True):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, features, generator=g)
+        self.y = torch.randint(0, num_classes, (n,), generator=g)
+        if with_classes:
+            self.num_classes = num_classes
+        self.batch_size, self.collate = batch_size, collate
+
+    def _loader(self):
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size, shuffle=False, collate_fn=self.collate)
+
+    def train_dataloader(self):
+        return self._loader()
+
+    def val_dataloader(self):
+        return self._loader()
+
+    def test_dataloader(self):
+        return self._loader()
+
+
+class RecordOriginal(pl.Callback):
+    """Placed before MixupCallback: keeps a copy of each training batch as it arrived."""
+
+    def __init__(self):
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append([t.clone() for t in batch[:2]])
+
+
+class RecordMixing(pl.Callback):
+    """Placed after MixupCallback: keeps the weights and partners it drew for each batch."""
+
+    def __init__(self, mixup_cb):
+        self.mixup_cb, self.draws = mixup_cb, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.draws.append((self.mixup_cb.last_lam.clone(), self.mixup_cb.last_index.clone()))
+
+
+def _fit(module, data, callbacks, **trainer_kwargs):
+    trainer = cpu_trainer(max_epochs=trainer_kwargs.pop("max_epochs", 1), num_sanity_val_steps=0, callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+# -- the math, by hand -------------------------------------------------------------------------------------------------
+def test_mix_golden_values():
+    x = torch.tensor([[1.0], [2.0], [4.0]])
+    lam = torch.tensor([[0.5, 0.5], [0.25, 0.75], [1.0, 0.0]])
+    index = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    assert torch.allclose(mix(x, lam, index), torch.tensor([[1.5], [3.5], [4.0]]))
+    # three points, one weight vector for the batch: 0.2 x_i + 0.3 x_j + 0.5 x_l
+    lam3 = torch.tensor([[0.2, 0.3, 0.5]])
+    index3 = torch.tensor([[0, 1, 2], [1, 2, 0], [2, 0, 1]])
+    expected = torch.tensor([[0.2 * 1 + 0.3 * 2 + 0.5 * 4], [0.2 * 2 + 0.3 * 4 + 0.5 * 1], [0.2 * 4 + 0.3 * 1 + 0.5 * 2]])
+    assert torch.allclose(mix(x, lam3, index3), expected)
+    # targets: class indices become the same convex combination of one-hot vectors
+    y = torch.tensor([0, 2, 2])
+    soft = mix_targets(y, lam, index, num_classes=3)
+    assert torch.allclose(soft, torch.tensor([[0.5, 0.0, 0.5], [0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]))
+    # soft targets mix as they are
+    assert torch.allclose(mix_targets(soft, lam, index), mix(soft, lam, index))
+
+
+def test_callback_batch_is_hand_computed_convex_combination():
+    data = TensorData(n=11, batch_size=4)  # batches of 4, 4 and an odd 3
+    original, mixup_cb = RecordOriginal(), MixupCallback(alpha=0.7, num_points=3, seed=5)
+    draws = RecordMixing(mixup_cb)
+    module = UserModule()
+    _fit(module, data, [original, mixup_cb, draws], max_epochs=2)
+    assert len(module.seen["train"]) == 6
+    for (x, y), (lam, index), (x_mix, y_mix) in zip(original.batches, draws.draws, module.seen["train"]):
+        n = len(x)
+        assert lam.shape == (n, 3) and index.shape == (n, 3)
+        for i in range(n):
+            expected_x = sum(float(lam[i, m]) * x[int(index[i, m])] for m in range(3))
+            expected_y = torch.zeros(3)
+            for m in range(3):
+                expected_y[int(y[index[i, m]])] += float(lam[i, m])
+            torch.testing.assert_close(x_mix[i], expected_x, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(y_mix[i], expected_y, rtol=1e-5, atol=1e-6)
+        assert (index[:, 0] == torch.arange(n)).all()
+        assert all(len(set(row.tolist())) == 3 for row in index)  # no self-pairs, distinct partners (n >= k)
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+@pytest.mark.parametrize("k", [2, 5])
+def test_targets_are_distributions(per_sample, k):
+    x, y = torch.randn(33, 4), torch.randint(0, 7, (33,))
+    x_mix, y_mix, lam = mixup(x, y, num_classes=7, num_points=k, per_sample=per_sample, rng=np.random.default_rng(1))
+    assert y_mix.shape == (33, 7) and (y_mix >= 0).all()
+    torch.testing.assert_close(y_mix.sum(1), torch.ones(33))
+    torch.testing.assert_close(lam.sum(1), torch.ones(33))
+    if not per_sample:
+        assert (lam == lam[0]).all()
+
+
+def test_two_point_weights_are_beta_and_k_point_marginals_are_beta():
+    rng = np.random.default_rng(0)
+    alpha = 0.4
+    lam, _ = sample_mixing(20000, 2, alpha, rng)
+    assert stats.kstest(lam[:, 0], stats.beta(alpha, alpha).cdf).pvalue > 0.01
+    # the same through the pooled sampler the callback uses
+    sampler = MixingSampler(2, alpha, np.random.default_rng(1))
+    pooled = torch.cat([sampler(64)[0] for _ in range(300)])[:, 0].double().numpy()
+    assert stats.kstest(pooled, stats.beta(alpha, alpha).cdf).pvalue > 0.01
+    # and a wrong distribution is rejected by the same test (the check can fail)
+    assert stats.kstest(lam[:, 0], stats.beta(1.0, 1.0).cdf).pvalue < 1e-6
+    # k = 4: each weight of Dirichlet(alpha 1_4) is Beta(alpha, 3 alpha)
+    lam4, _ = sample_mixing(20000, 4, 1.0, rng)
+    assert stats.kstest(lam4[:, 2], stats.beta(1.0, 3.0).cdf).pvalue > 0.01
+
+
+def test_partners_are_permutations_without_self_pairs():
+    rng = np.random.default_rng(0)
+    for n, k in [(7, 3), (64, 4), (2, 2)]:
+        _, index = sample_mixing(n, k, 1.0, rng)
+        for m in range(1, k):
+            assert sorted(index[:, m]) == list(range(n))
+            assert (index[:, m] != np.arange(n)).all()
+    # the reference implementations' independent permutations pair an example with itself 1/n of the time
+    self_pairs = [(sample_mixing(4, 2, 1.0, rng, distinct_partners=False)[1][:, 1] == np.arange(4)).mean() for _ in range(2000)]
+    assert 0.22 < np.mean(self_pairs) < 0.28
+
+
+def test_odd_and_size_one_batches():
+    data = TensorData(n=8, batch_size=7)  # a batch of 7, then a batch of 1
+    original, mixup_cb = RecordOriginal(), MixupCallback(num_points=2, seed=0)
+    module = UserModule()
+    _fit(module, data, [original, mixup_cb])
+    (x7, _), (x1, y1) = original.batches
+    (xm7, ym7), (xm1, ym1) = module.seen["train"]
+    assert xm7.shape == x7.shape and not torch.allclose(xm7, x7)
+    torch.testing.assert_close(xm1, x1)  # mixed with itself: unchanged input ...
+    torch.testing.assert_close(ym1, F.one_hot(y1, 3).float())  # ... and a one-hot target
+
+
+def test_no_mixing_in_validation_or_test():
+    data = TensorData(n=10, batch_size=4)
+    module = UserModule()
+    trainer = cpu_trainer(max_epochs=1, num_sanity_val_steps=0, callbacks=[MixupCallback(seed=0)])
+    trainer.fit(module, datamodule=data)
+    trainer.test(module, datamodule=data)
+    assert all(y.ndim == 2 for _, y in module.seen["train"])
+    for stage in ("val", "test"):
+        assert len(module.seen[stage]) == 3
+        for (x, y), start in zip(module.seen[stage], range(0, 10, 4)):
+            assert torch.equal(x, data.x[start : start + 4]) and torch.equal(y, data.y[start : start + 4])
+
+
+def test_dict_batches_with_keys():
+    class DictModule(UserModule):
+        def training_step(self, batch, batch_idx):
+            self.seen["train"].append(batch["labels"].clone())
+            return F.cross_entropy(self(batch["pixels"]), batch["labels"])
+
+    data = TensorData(n=8, batch_size=4, collate=lambda s: {"pixels": torch.stack([a for a, _ in s]), "labels": torch.stack([b for _, b in s])})
+    module = DictModule()
+    _fit(module, data, [MixupCallback(input_key="pixels", target_key="labels", seed=0)], limit_val_batches=0)
+    assert all(y.shape == (4, 3) for y in module.seen["train"])
+
+
+def _train_digits(callbacks, seed=0, epochs=12):
+    pl.seed_everything(seed)
+    module = ClassifierModule(MLP(64, 10, hidden_sizes=[64]), 10, optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+    trainer = cpu_trainer(max_epochs=epochs, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(module, DigitsDataModule(batch_size=64, seed=seed))
+    return module, trainer
+
+
+def test_training_with_mixup_makes_the_probability_output_linear():
+    """What mixup claims at the output (Chaudhry et al. Sec. 4): the predicted probabilities become linear between
+    points, which plain training does not give; measured on held-out digits."""
+    probe = dict(layers=[], num_samples=300, split="test", every_n_epochs=None, measure_at_start=False)
+    plain, _ = _train_digits([])
+    mixed_cb = MixupCallback(alpha=1.0, num_points=2, seed=0)
+    mixed, trainer = _train_digits([mixed_cb])
+    dm = DigitsDataModule(seed=0)
+    dm.setup()
+    x_test = dm.splits["test"][0]
+    nl_plain = LinearityCallback(inputs=x_test, **probe).measure(plain)["probs"]
+    nl_mixup = LinearityCallback(inputs=x_test, **probe).measure(mixed)["probs"]
+    assert nl_mixup < 0.7 * nl_plain, (nl_mixup, nl_plain)  # measured 0.18 vs 0.31 (seeds 0-3: ratio 0.56-0.60)
+    # lambda statistics were logged: for k = 2 the largest weight is in [1/2, 1] and 3/4 in expectation
+    assert 0.7 < float(trainer.callback_metrics["mixup/lam_max"]) < 0.8
+    assert 0.45 < float(trainer.callback_metrics["mixup/lam_self"]) < 0.55
+
+
+def test_reproducible_with_seed_and_with_seed_everything():
+    def weights(**kwargs):
+        pl.seed_everything(kwargs.pop("global_seed", 0))
+        module = UserModule()
+        _fit(module, TensorData(n=12, batch_size=4), [MixupCallback(**kwargs)], max_epochs=2)
+        return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+    assert torch.equal(weights(seed=3), weights(seed=3))
+    assert not torch.equal(weights(seed=3), weights(seed=4))
+    assert torch.equal(weights(seed=None, global_seed=7), weights(seed=None, global_seed=7))  # seed_everything's seed
+    assert not torch.equal(weights(seed=None, global_seed=7), weights(seed=None, global_seed=8))
+
+
+def test_state_resumes_exactly(tmp_path):
+    """2 epochs + resume for 2 more == 4 uninterrupted epochs; the seed resolved from seed_everything is restored."""
+
+    def run(epochs, global_seed, ckpt=None, save=None):
+        pl.seed_everything(global_seed)
+        torch.manual_seed(0)  # same initial weights in every run; the mixing seed is what differs
+        module = UserModule()
+        pl.seed_everything(global_seed)
+        cb = MixupCallback(num_points=3, seed=None)
+        trainer = cpu_trainer(max_epochs=epochs, num_sanity_val_steps=0, limit_val_batches=0, callbacks=[cb])
+        trainer.fit(module, datamodule=TensorData(n=12, batch_size=4), ckpt_path=ckpt)
+        if save:
+            trainer.save_checkpoint(save)
+        return torch.cat([p.detach().flatten() for p in module.parameters()]), cb
+
+    full, cb_full = run(4, global_seed=11)
+    run(2, global_seed=11, save=tmp_path / "half.ckpt")
+    resumed, cb_resumed = run(4, global_seed=99, ckpt=tmp_path / "half.ckpt")  # another global seed on resume
+    assert cb_resumed._resolved_seed == cb_full._resolved_seed == 11
+    assert cb_resumed.num_mixed_batches == cb_full.num_mixed_batches == 12
+    torch.testing.assert_close(resumed, full)
+    ckpt = torch.load(tmp_path / "half.ckpt", weights_only=False)
+    assert any(key.startswith("MixupCallback") for key in ckpt["callbacks"])
+
+
+# -- clear errors, before any training step --------------------------------------------------------------------------
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="alpha"):
+        MixupCallback(alpha=0.0)
+    with pytest.raises(ValueError, match="num_points"):
+        MixupCallback(num_points=1)
+    with pytest.raises(ValueError, match="num_classes"):
+        MixupCallback(num_classes=1)
+    with pytest.raises(ValueError, match="input_key"):
+        MixupCallback(input_key=0, target_key=0)
+
+
+Pair = namedtuple("Pair", ["x", "y"])
+
+
+@pytest.mark.parametrize(
+    "collate, error, match",
+    [
+        (lambda s: (torch.stack([a for a, _ in s]), torch.stack([b for _, b in s])), TypeError, r"tuple batch.*on_after_batch_transfer.*list\(batch\)"),
+        (lambda s: Pair(torch.stack([a for a, _ in s]), torch.stack([b for _, b in s])), TypeError, r"NamedTuple.*_asdict"),
+        (lambda s: torch.stack([a for a, _ in s]), TypeError, r"batch of type Tensor.*list"),
+    ],
+    ids=["tuple", "namedtuple", "tensor"],
+)
+def test_immutable_batches_fail_before_training_with_the_fix(collate, error, match):
+    module = UserModule()
+    with pytest.raises(error, match=match):
+        _fit(module, TensorData(collate=collate), [MixupCallback()])
+    assert module.seen["train"] == []  # raised before the first training step
+
+
+def test_tuple_batch_works_after_the_suggested_fix():
+    class ListifyingModule(UserModule):
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            return list(batch)
+
+    module = ListifyingModule()
+    _fit(module, TensorData(collate=lambda s: (torch.stack([a for a, _ in s]), torch.stack([b for _, b in s]))), [MixupCallback()])
+    assert all(y.ndim == 2 for _, y in module.seen["train"])
+
+
+def test_integer_targets_without_class_count():
+    # neither the module nor the datamodule knows the number of classes
+    with pytest.raises(ValueError, match=r"num_classes=C"):
+        _fit(UserModule(), TensorData(with_classes=False), [MixupCallback()])
+    _fit(UserModule(), TensorData(with_classes=False), [MixupCallback(num_classes=3)])  # the fix works
+
+
+def test_other_target_and_input_errors():
+    with pytest.raises(ValueError, match=r"num_classes=5.*3 classes"):
+        _fit(UserModule(), TensorData(), [MixupCallback(num_classes=5)])
+    with pytest.raises(ValueError, match=r"num_classes=2.*at least 3"):  # labels out of range for the class count
+        _fit(UserModule(), TensorData(num_classes=3, with_classes=False), [MixupCallback(num_classes=2)])
+    with pytest.raises(ValueError, match=r"`target_key=5`"):
+        _fit(UserModule(), TensorData(), [MixupCallback(target_key=5)])
+    float_y = lambda s: [torch.stack([a for a, _ in s]), torch.stack([b for _, b in s]).float()]  # noqa: E731
+    with pytest.raises(TypeError, match=r"integers.*long"):
+        _fit(UserModule(), TensorData(collate=float_y), [MixupCallback()])
+    int_x = lambda s: [torch.stack([a for a, _ in s]).long(), torch.stack([b for _, b in s])]  # noqa: E731
+    with pytest.raises(TypeError, match=r"floating-point input"):
+        _fit(UserModule(), TensorData(collate=int_x), [MixupCallback()])
+
+
+def test_loss_that_needs_class_indices_gets_an_explanation():
+    class NLLModule(UserModule):
+        def training_step(self, batch, batch_idx):
+            return F.nll_loss(self(batch[0]).log_softmax(-1), batch[1])
+
+    with pytest.raises(Exception) as info:
+        _fit(NLLModule(), TensorData(), [MixupCallback()])
+    assert any("soft (N, C)" in note for note in getattr(info.value, "__notes__", []))
+
+
+# -- DDP ---------------------------------------------------------------------------------------------------------------
+class _DDPCheck(pl.Callback):
+    """Around MixupCallback under DDP: the mixed batch on each rank is the convex combination of that rank's own
+    batch, ranks draw different weights, and the linearity probe (sharded, all-reduced) is logged."""
+
+    def __init__(self, mixup_cb):
+        self.mixup_cb = mixup_cb
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if not hasattr(self, "_orig"):
+            raise AssertionError("order")
+        x, y = self._orig
+        lam, index = self.mixup_cb.last_lam, self.mixup_cb.last_index
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        expected = sum(lam[:, m].reshape(shape) * x[index[:, m]] for m in range(lam.shape[1]))
+        err = (batch[0] - expected).abs().max() + (batch[1].sum(1) - 1).abs().max()
+        lams = pl_module.all_gather(lam[:, 0].contiguous())
+        pl_module.log("check/mix_error", err, reduce_fx="max", sync_dist=True, on_step=False, on_epoch=True)
+        pl_module.log("check/ranks_differ", float(not torch.allclose(lams[0], lams[1])), reduce_fx="min", sync_dist=True, on_step=False, on_epoch=True)
+
+
+class _Before(pl.Callback):
+    def __init__(self, check):
+        self.check = check
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.check._orig = (batch[0].clone(), batch[1].clone())
+
+
+def test_ddp_two_processes():
+    torch.manual_seed(0)
+    net = MLP(64, 10, hidden_sizes=[16])
+    module = ClassifierModule(net, 10, optimizer=functools.partial(torch.optim.SGD, lr=0.0))  # weights stay at init
+    mixup_cb = MixupCallback(num_points=3, seed=0)
+    check = _DDPCheck(mixup_cb)
+    probe = LinearityCallback(["body.block0"], num_samples=101, split="test", measure_at_start=False)
+    trainer = ddp_trainer(
+        max_epochs=1, limit_train_batches=3, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[_Before(check), mixup_cb, check, probe],
+    )
+    trainer.fit(module, DigitsDataModule(batch_size=16))
+    metrics = trainer.callback_metrics
+    assert float(metrics["check/mix_error"]) < 1e-5
+    assert float(metrics["check/ranks_differ"]) == 1.0
+    assert 1 / 3 < float(metrics["mixup/lam_max"]) < 1
+    # the 2-process linearity (each rank measures half of the tuples, sums all-reduced) equals 1 process
+    dm = DigitsDataModule(batch_size=16)
+    dm.setup()
+    single_values = LinearityCallback(["body.block0"], num_samples=101, inputs=dm.splits["test"][0]).measure(module)
+    for name in ("body.block0", "logits", "probs"):
+        assert float(metrics[f"linearity/{name}"]) == pytest.approx(single_values[name], rel=1e-5)
