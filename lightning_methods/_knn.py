@@ -21,6 +21,8 @@ import torch
 __all__ = ["TorchKNN", "FaissKNN", "build_knn_index", "knn_search", "faiss_available", "BACKENDS"]
 
 BACKENDS = ("torch", "faiss")
+#: queries per tile of the torch search (a tile holds ``QUERY_BLOCK x block_size`` scores)
+QUERY_BLOCK = 512
 
 
 def faiss_available() -> bool:
@@ -44,7 +46,7 @@ def _check_search(queries: torch.Tensor, num_keys: int, dim: int, k: int, exclud
 def _refine(queries: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ``||q - m||^2`` of the found neighbours, re-sorted (stable, so equal distances keep the search's order)."""
     out = torch.empty(idx.shape, dtype=keys.dtype, device=keys.device)
-    chunk = max(1, 2**22 // max(1, idx.shape[1] * keys.shape[1]))  # at most ~4M gathered floats at a time
+    chunk = max(1, 2**18 // max(1, idx.shape[1] * keys.shape[1]))  # ~1 MiB of gathered keys at a time
     for s in range(0, len(idx), chunk):
         diff = keys[idx[s : s + chunk]] - queries[s : s + chunk].unsqueeze(1)
         out[s : s + chunk] = diff.pow(2).sum(-1)
@@ -70,7 +72,7 @@ class TorchKNN:
         group: keys per screening group (CPU).
     """
 
-    def __init__(self, keys: torch.Tensor, block_size: int = 4096, query_block: int = 256, group: int = 16) -> None:
+    def __init__(self, keys: torch.Tensor, block_size: int = 4096, query_block: int = QUERY_BLOCK, group: int = 16) -> None:
         if keys.ndim != 2 or keys.shape[0] == 0:
             raise ValueError(f"Keys must be a non-empty (num_keys, dim) matrix, got shape {tuple(keys.shape)}.")
         for name, value in (("block_size", block_size), ("query_block", query_block), ("group", group)):

@@ -3,12 +3,13 @@
 Yang, Lukasik, Nagarajan, Li, Rawat, Zaheer, Menon, Kumar. *ResMem: Learn what you can and memorize the rest.*
 NeurIPS 2023, arXiv:2302.01576.
 
-The paper's two-stage algorithm (Sec. 3, Fig. 1), and where each step lives below:
+The paper's two-stage algorithm (its Fig. 1 and the algorithm it illustrates), and where each step lives below:
 
 1. Train a base model ``f`` as usual (:class:`~lightning_methods.classifier.ClassifierModule`'s training: ``fit``).
 2. On the training set, memorize the residuals ``r_i = y_i - f(x_i)`` (:meth:`ResMem.build_memory`). For
-   classification (DeepResMem, Sec. 5) ``y_i`` is one-hot and ``f(x) = softmax(z(x) / T)`` with temperature ``T``:
-   with ``T = 1`` an interpolating network leaves ~0 residuals, so ``T`` is a hyperparameter (:func:`residuals`).
+   classification (the paper's image-classification experiments) ``y_i`` is one-hot and ``f(x) = softmax(z(x) / T)``
+   with a temperature ``T``: with ``T = 1`` an interpolating network leaves ~0 residuals, so ``T`` is a
+   hyperparameter (:func:`residuals`).
 3. At test time add the residuals of the ``k`` nearest training points in embedding space, weighted by
    ``w_i(x) ∝ exp(-||phi(x) - phi(x_i)|| / sigma)`` normalised over the ``k``:
    ``f_ResMem(x) = f(x) + sum_i w_i(x) r_i`` (:func:`resmem_weights`, :func:`combine`, :meth:`ResMem.predict`).
@@ -19,14 +20,11 @@ The paper's two-stage algorithm (Sec. 3, Fig. 1), and where each step lives belo
 
 Regression (``task="regression"``) is the same with ``f(x)`` the model's output and ``r_i = y_i - f(x_i)``.
 The nearest neighbours are exact (:mod:`lightning_methods._knn`: blocked matrix multiply + top-k in torch, or faiss).
-
-Section numbers follow arXiv v2.
 """
 
 from __future__ import annotations
 
 import difflib
-import inspect
 import itertools
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -297,9 +295,11 @@ class ResMem(ClassifierModule):
             probe = torch.zeros(2, *input_shape, device=self.device, dtype=param.dtype if param is not None else None)
             was_training = self.model.training
             self.model.eval()
-            with torch.no_grad():
-                self._forward_with_embedding(probe)
-            self.model.train(was_training)
+            try:
+                with torch.no_grad():
+                    self._forward_with_embedding(probe)
+            finally:
+                self.model.train(was_training)
         if stage == "fit" and dm is not None and callable(getattr(dm, "dataset", None)):
             n = len(dm.dataset("train"))
             if self.k > n:
