@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -40,7 +40,7 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_methods._knn import BACKENDS, build_knn_index, faiss_available
-from lightning_methods._utils import check_targets
+from lightning_methods._utils import check_targets, probe_output
 from lightning_methods.classifier import ClassifierModule, hard_targets, soft_cross_entropy
 
 __all__ = ["ResMem", "residuals", "resmem_weights", "combine", "base_prediction", "DEFAULT_TUNE_GRID"]
@@ -291,15 +291,7 @@ class ResMem(ClassifierModule):
             super().setup(stage)
         input_shape = getattr(dm, "input_shape", None)
         if input_shape is not None:  # the layer must run in forward and give one vector per example
-            param = next(self.model.parameters(), None)
-            probe = torch.zeros(2, *input_shape, device=self.device, dtype=param.dtype if param is not None else None)
-            was_training = self.model.training
-            self.model.eval()
-            try:
-                with torch.no_grad():
-                    self._forward_with_embedding(probe)
-            finally:
-                self.model.train(was_training)
+            self._with_embedding(lambda: probe_output(self.model, tuple(input_shape)))
         if stage == "fit" and dm is not None and callable(getattr(dm, "dataset", None)):
             n = len(dm.dataset("train"))
             if self.k > n:
@@ -310,9 +302,12 @@ class ResMem(ClassifierModule):
     # -- the embedding pass ----------------------------------------------------------------------------------------
     def _forward_with_embedding(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward of the backbone: its outputs and the (normalised) embedding, flattened to ``(N, dim)``."""
+        return self._with_embedding(lambda: self.model(x))
+
+    def _with_embedding(self, forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         layer = self.model.get_submodule(self.embedding_layer)
         with _Capture(layer) as captured:
-            outputs = self.model(x)
+            outputs = forward()
         if not isinstance(captured.output, torch.Tensor):
             raise ValueError(
                 f"`embedding_layer={self.embedding_layer!r}` ({type(layer).__name__}) did not produce a tensor in "
