@@ -1,4 +1,4 @@
-"""Eigenspace exaggeration in linear regression under gradient flow (Nagarajan et al. 2023, Sec. 5, closed form).
+"""Eigenspace exaggeration in linear regression under gradient flow (Nagarajan et al. 2023, closed form).
 
 Linear regression, gradient flow from zero on the squared loss. With the training inputs' SVD ``X = U S V^T`` and
 ``lam_k = s_k^2 / n`` (eigenvalues of the empirical covariance), the teacher trained for time ``T`` and a student

@@ -26,11 +26,11 @@ class DistillationDiagnostics(Callback):
     Every ``every_n_epochs`` training epochs (and after the last one) it computes, on the same ``num_samples``
     un-augmented points of each split:
 
-    * the **confidence-exaggeration slope** of Nagarajan et al. (arXiv 2301.12923, Sec. 3): least-squares slope of
+    * the **confidence-exaggeration slope** of Nagarajan et al. (arXiv 2301.12923): least-squares slope of
       ``logit p_s[y*]`` on ``logit p_t[y*]`` (``y*`` the teacher's top class); > 1 = the student exaggerates;
       logged as ``{split}_exaggeration_slope``, with ``{split}_low_conf_gap`` = student minus teacher confidence in
       the teacher's least-confident decile (negative = the student is even less sure there);
-    * the **adjusted supervision complexity** of Harutyunyan et al. (arXiv 2301.12245, Sec. 5) of the teacher's
+    * the **adjusted supervision complexity** of Harutyunyan et al. (arXiv 2301.12245) of the teacher's
       targets ``softmax(z_t / tau)`` (the module's temperature) and of the one-hot labels, under the student's
       current empirical NTK on ``sc_num_samples`` training points: ``sc_teacher`` and ``sc_onehot``.
 

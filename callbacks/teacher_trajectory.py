@@ -44,7 +44,7 @@ class TeacherTrajectory(Callback):
     """Give a :class:`~lightning_methods.DistillationModule` a teacher that moves along its own training trajectory.
 
     Online distillation (Harutyunyan et al., "Supervision Complexity and its Role in Knowledge Distillation",
-    arXiv 2301.12245, ICLR 2023, Sec. 5): the teacher is trained first for ``E`` epochs with a checkpoint per
+    arXiv 2301.12245, ICLR 2023): the teacher is trained first for ``E`` epochs with a checkpoint per
     epoch; the student then trains for ``E`` epochs and at student epoch ``e`` distils from teacher checkpoint
     ``e``, so its targets grow in complexity as it learns (the offline baseline always uses the final checkpoint).
 

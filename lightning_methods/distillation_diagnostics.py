@@ -1,15 +1,15 @@
 """Diagnostics of a distilled student: confidence exaggeration and supervision complexity.
 
 * **Confidence exaggeration** (Nagarajan et al., "On Student-teacher Deviations in Distillation: does it pay to
-  disobey?", arXiv 2301.12923, NeurIPS 2023, Sec. 3): for every input take the teacher's top class ``y*``,
+  disobey?", arXiv 2301.12923, NeurIPS 2023 version): for every input take the teacher's top class ``y*``,
   and regress ``logit(p_s[y*])`` on ``logit(p_t[y*])`` (``logit(p) = log(p / (1 - p))``, ``p`` clipped to
   ``[eps, 1 - eps]``). A slope above 1 means the student *exaggerates* the teacher's confidence: lower where the
   teacher is unsure, higher where it is sure. The ICLR version reports the same through deciles of the teacher's
-  confidence (:func:`confidence_deciles`). Report train and test points separately.
+  confidence (:func:`confidence_deciles`; OpenReview xJz9LTHP0K). Report train and test points separately.
 * **Supervision complexity** (Harutyunyan et al., "Supervision Complexity and its Role in Knowledge Distillation",
-  arXiv 2301.12245, ICLR 2023, Sec. 3, Eq. 5 and the adjusted quantity of Sec. 5): for the student linearised at its
-  current weights, ``f(x) ~ <w, phi(x)>`` with ``phi(x) = d f(x) / d theta`` (the empirical NTK features), and targets
-  ``Y (n x k)``::
+  arXiv 2301.12245, ICLR 2023; the complexity of the teacher's targets and the adjusted, scale-free form its
+  experiments plot): for the student linearised at its current weights, ``f(x) ~ <w, phi(x)>`` with
+  ``phi(x) = d f(x) / d theta`` (the empirical NTK features), and targets ``Y (n x k)``::
 
       SC(Y; K) = sum_j Y_j^T K^-1 Y_j,          adjusted SC = sqrt(SC * tr K) / n
 
@@ -59,7 +59,7 @@ def _top_class_logits(student_probs: torch.Tensor, teacher_probs: torch.Tensor, 
 
 
 def exaggeration_slope(student_probs: torch.Tensor, teacher_probs: torch.Tensor, eps: float = 1e-4) -> dict[str, float]:
-    """Least-squares fit of ``logit(p_s[y*]) = slope * logit(p_t[y*]) + intercept`` over points (NeurIPS Sec. 3).
+    """Least-squares fit of ``logit(p_s[y*]) = slope * logit(p_t[y*]) + intercept`` over points (NeurIPS version).
 
     Args:
         student_probs: ``(N, C)`` student probabilities.
@@ -285,7 +285,7 @@ def supervision_complexity(
 ) -> float:
     """Supervision complexity of ``targets`` for the student ``model`` under its empirical NTK on ``inputs``.
 
-    ``adjusted=True`` (default) returns ``sqrt(SC * tr K) / n``, the quantity Harutyunyan et al. plot (Sec. 5):
+    ``adjusted=True`` (default) returns ``sqrt(SC * tr K) / n``, the quantity Harutyunyan et al. plot:
     it rises along the teacher's training trajectory, falls with the distillation temperature, and stays below the
     one-hot labels'. Use fewer points than the student has parameters (``K`` is otherwise singular), e.g. 500-2000.
 
