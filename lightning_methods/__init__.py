@@ -9,6 +9,7 @@ from lightning_methods._utils import lazy_exports
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "PauseTokenLM": ".pause_lm",
     "DistillationModule": ".distillation",
     "distillation": ".distillation",
     "distillation_diagnostics": ".distillation_diagnostics",
