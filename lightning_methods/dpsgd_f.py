@@ -1052,5 +1052,5 @@ class DPSGDFModule(ClassifierModule):
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
-        # every rank holds the same ledger: the value needs no reduction
-        self.log("epsilon", self.epsilon, prog_bar=True)
+        # every rank holds the same ledger; the (identical) values are averaged so Lightning sees a synced metric
+        self.log("epsilon", self.epsilon, prog_bar=True, sync_dist=True)
