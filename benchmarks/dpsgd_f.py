@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import math
 import statistics
 import time
 import warnings

@@ -596,7 +596,8 @@ class PoissonDataLoader(DPDataLoader):
         if delta is not None and delta >= 1.0 / n:
             raise ValueError(
                 f"`delta={delta}` is not below 1/n = {1.0 / n:.3g} for the n={n} training examples: such a delta "
-                f"allows releasing a whole example. Use `delta < 1/n`, typically `delta <= {10 ** math.floor(math.log10(0.1 / n)):.0e}`."
+                f"allows releasing a whole example. Use `delta < 1/n`, typically "
+                f"`delta <= {10 ** math.floor(math.log10(0.1 / n)):.0e}`."
             )
         return cls(
             dataset,
@@ -724,7 +725,8 @@ class DPSGDFModule(ClassifierModule):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__(model, num_classes, optimizer, lr_scheduler, label_smoothing)
-        for name, value in (("target_epsilon", target_epsilon), ("max_grad_norm", max_grad_norm), ("feature_norm_bound", feature_norm_bound)):
+        positive = {"target_epsilon": target_epsilon, "max_grad_norm": max_grad_norm, "feature_norm_bound": feature_norm_bound}
+        for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
                 raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0.0 < delta < 1.0:
@@ -809,9 +811,11 @@ class DPSGDFModule(ClassifierModule):
         return [PrivacyBudget()]
 
     def setup(self, stage: str) -> None:
-        if stage != "fit":
-            return super().setup(stage)
         trainer = self.trainer
+        # probe the whole pipeline (extractor, transform, model) on the datamodule's raw input shape
+        check_model_against_data(self, self.num_classes, trainer.datamodule)
+        if stage != "fit":
+            return
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 f"`Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches})` would sum several Poisson "
@@ -832,7 +836,6 @@ class DPSGDFModule(ClassifierModule):
                 f"{type(trainer.strategy).__name__}: per-sample gradients and the noise reduction are DDP-specific."
             )
         datamodule = trainer.datamodule
-        check_model_against_data(self, self.num_classes, datamodule)
         if datamodule is not None and self._original_train_dataloader is None:
             self._original_train_dataloader = datamodule.train_dataloader
             datamodule.train_dataloader = self._poisson_train_dataloader  # type: ignore[method-assign]

@@ -336,6 +336,10 @@ def test_frozen_extractor_matches_precomputed_features():
     raw.setup()
     x = raw.splits["test"][0][:4]
     assert torch.allclose(on_raw(x), on_features(extractor(x)), atol=1e-5)  # inference on raw images: one call
+    # evaluation through the Trainer on raw images (the shape check probes extractor + transform + model)
+    tested = cpu_trainer(limit_test_batches=2).test(on_raw, raw, verbose=False)[0]["test_acc"]
+    x, y = raw.splits["test"][0][:256], raw.splits["test"][1][:256]
+    assert tested == pytest.approx(float((on_raw(x).argmax(1) == y).float().mean()), abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
