@@ -189,18 +189,22 @@ def load_backbone_weights(
 # --------------------------------------------------------------------------------------------------------------------
 # Cached teacher logits
 # --------------------------------------------------------------------------------------------------------------------
-class _WithTeacherLogits(Dataset):
-    """``(x, y, teacher_logits)`` from a map-style ``(x, y)`` dataset and a tensor of per-index logits."""
+class _WithIndex(Dataset):
+    """``(x, y, index)`` from a map-style ``(x, y)`` dataset: batches carry the rows of the cached logit table.
 
-    def __init__(self, dataset: Dataset, logits: torch.Tensor) -> None:
-        self.dataset, self.logits = dataset, logits
+    The index, not the logits row, travels with each example: one gather per batch instead of a tensor index and a
+    stack per example (which cost a small model's step ~10%).
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.logits)
+        return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple:
         item = self.dataset[index]
-        return (*item[:2], self.logits[index])
+        return (item[0], item[1], index)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -220,8 +224,9 @@ class DistillationModule(ClassifierModule):
 
     The teacher sees exactly the (augmented) batch the student sees, in ``eval`` mode and under ``no_grad``. When
     inputs are not augmented, ``cache_teacher_logits=True`` computes its logits once at the start of ``fit`` and
-    serves them with the batches instead. A datamodule may also yield ``[x, y, teacher_logits]`` batches itself:
-    a third batch element is always taken as the teacher's logits.
+    looks them up for each batch instead. A datamodule may also yield ``[x, y, teacher_logits]`` batches itself: a
+    floating-point third batch element ``(N, C)`` is taken as the teacher's logits (an integer one ``(N,)`` indexes
+    the cached table).
 
     Logs what :class:`ClassifierModule` logs (``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ...) plus
     ``train_kd`` (the ``tau^2 KL`` term, epoch mean) and ``distilling`` (1 in epochs that use the KD loss).
@@ -319,6 +324,7 @@ class DistillationModule(ClassifierModule):
             self._set_teacher(teacher)
         self._checkpoint_loaded = False
         self._batch_teacher_logits: torch.Tensor | None = None
+        self._logit_table: torch.Tensor | None = None
         # a running sum, not a torchmetrics MeanMetric: its per-step update costs ~40 us, a few % of a small step
         self._kd_sum: torch.Tensor | None = None
         self._kd_count = 0
@@ -427,9 +433,12 @@ class DistillationModule(ClassifierModule):
         if self.cache_teacher_logits:
             datamodule = self.trainer.datamodule
             base = datamodule.train_dataset
-            if isinstance(base, _WithTeacherLogits):  # a second fit on the same datamodule: recompute
+            if isinstance(base, _WithIndex):  # a second fit on the same datamodule: recompute
                 base = base.dataset
-            datamodule.train_dataset = _WithTeacherLogits(base, self._logits_over(base))
+            table = self._logits_over(base)
+            # on the accelerator when it is small (one gather per step, no transfer); on the CPU otherwise
+            self._logit_table = table.to(self.device) if table.numel() * 4 <= 2**30 else table
+            datamodule.train_dataset = _WithIndex(base)
 
     def _logits_over(self, dataset: Dataset) -> torch.Tensor:
         # Every rank computes the whole table (the sampler then picks its own indices): identical by construction.
@@ -448,8 +457,21 @@ class DistillationModule(ClassifierModule):
         # the batch are looked up here, where the inputs are at hand, and only in epochs that distil.
         self._batch_teacher_logits = None
         if self.distilling():
-            self._batch_teacher_logits = batch[2] if len(batch) > 2 else self.teacher_logits(batch[0])
+            self._batch_teacher_logits = self._teacher_logits_for(batch)
         return super().training_step(batch, batch_idx)
+
+    def _teacher_logits_for(self, batch: Any) -> torch.Tensor:
+        if len(batch) < 3:
+            return self.teacher_logits(batch[0])
+        extra = batch[2]
+        if extra.is_floating_point():
+            return extra
+        if self._logit_table is None:
+            raise ValueError(
+                "The batch's third element holds integer indices but no teacher logits were cached: set "
+                "`cache_teacher_logits=True`, or yield the teacher's (N, C) logits as the third element."
+            )
+        return self._logit_table[extra.to(self._logit_table.device)].to(self.device, non_blocking=True)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The KD loss in distilling epochs (teacher logits of the current batch), the plain cross-entropy otherwise."""

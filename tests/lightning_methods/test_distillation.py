@@ -193,9 +193,19 @@ def test_cached_teacher_logits_train_exactly_like_the_live_teacher(teacher_dir):
         cpu_trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=0).fit(module, dm)
         finals.append(torch.cat([p.detach().flatten() for p in module.student.parameters()]))
         if cache:
-            x, y, logits = dm.train_dataset[7]
-            assert torch.allclose(logits, module.teacher(x[None])[0], atol=1e-5)
+            x, y, index = dm.train_dataset[7]
+            assert index == 7 and torch.allclose(module._logit_table[7], module.teacher(x[None])[0], atol=1e-5)
     assert torch.allclose(finals[0], finals[1], atol=1e-5)
+
+
+def test_third_batch_element_is_teacher_logits_or_an_index_into_the_cache():
+    module = DistillationModule(student_net(), teacher_net(), num_classes=10)
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    given = torch.randn(4, 10)
+    assert module._teacher_logits_for([x, y, given]) is given  # a datamodule's own cached logits
+    assert torch.equal(module._teacher_logits_for([x, y]), module.teacher(x))
+    with pytest.raises(ValueError, match="no teacher logits were cached"):
+        module._teacher_logits_for([x, y, torch.arange(4)])
 
 
 def test_resume_reloads_the_teacher_and_matches_an_uninterrupted_run(teacher_dir, tmp_path):
