@@ -59,9 +59,13 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
             f"Teacher logits of shape {tuple(teacher_logits.shape)} do not match student logits "
             f"{tuple(student_logits.shape)}: teacher and student must predict the same classes."
         )
-    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.detach().to(student_logits.dtype) / temperature, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (temperature * temperature)
+    teacher_logits = teacher_logits.detach().to(student_logits.dtype)
+    if temperature != 1.0:  # at tau = 1 (pure self-distillation) skip three ops: a small model's step feels each
+        student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
+    log_p_s = F.log_softmax(student_logits, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits, dim=-1)
+    loss = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    return loss * (temperature * temperature) if temperature != 1.0 else loss
 
 
 def distillation_loss(
