@@ -135,7 +135,7 @@ class DistillationDiagnostics(Callback):
         self.history.append(record)
         for key, value in record.items():
             if key != "epoch" and not key.endswith("_deciles"):
-                pl_module.log(key, float(value), on_step=False, on_epoch=True)
+                pl_module.log(key, float(value), on_step=False, on_epoch=True, sync_dist=True)  # equal on all ranks
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history)}

@@ -169,7 +169,7 @@ class TeacherTrajectory(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync(trainer, pl_module)
-        pl_module.log("teacher_index", float(self.current_index), on_step=False, on_epoch=True)
+        pl_module.log("teacher_index", float(self.current_index), on_step=False, on_epoch=True, sync_dist=True)
 
     def _sync(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         index = self.index_for_epoch(trainer.current_epoch)

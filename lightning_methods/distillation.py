@@ -501,4 +501,4 @@ class DistillationModule(ClassifierModule):
         if self._kd_sum is not None:  # DDP: ranks run the same number of equal batches, so the mean of means is exact
             self.log("train_kd", self._kd_sum / self._kd_count, sync_dist=True)
         self._kd_sum, self._kd_count = None, 0
-        self.log("distilling", float(self.distilling()))
+        self.log("distilling", float(self.distilling()), sync_dist=True)  # equal on every rank: silences the DDP warning
