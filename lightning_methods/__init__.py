@@ -9,17 +9,17 @@ from lightning_methods._utils import lazy_exports
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "ClassifierModule": ".classifier",
+    "nets": ".nets",
     "PauseTokenLM": ".pause_lm",
+    "DPSGDFModule": ".dpsgd_f",
     "DistillationModule": ".distillation",
     "distillation": ".distillation",
     "distillation_diagnostics": ".distillation_diagnostics",
     "supervision_complexity": ".distillation_diagnostics",
     "exaggeration_slope": ".distillation_diagnostics",
-    "ClassifierModule": ".classifier",
-    "nets": ".nets",
-    "DPSGDFModule": ".dpsgd_f",
-    "ResMem": ".resmem",
     "MixupConsistencyModule": ".mixup_consistency",
+    "ResMem": ".resmem",
 }
 
 __all__ = sorted(_EXPORTS)
