@@ -111,11 +111,15 @@ class ClassifierModule(pl.LightningModule):
             self.log("train_loss_step", loss, prog_bar=True)
         return loss
 
-    def _log_epoch_accuracy(self, stage: str) -> None:
-        metric = getattr(self, f"{stage}_acc")
+    def _log_epoch_metric(self, name: str) -> None:
+        """Log the torchmetrics attribute ``name`` (e.g. ``"val_acc"``) once per epoch and reset it."""
+        metric = getattr(self, name)
         if metric.update_count:  # compute() syncs across DDP ranks: every rank logs the global value
-            self.log(f"{stage}_acc", metric.compute(), prog_bar=stage == "val")
+            self.log(name, metric.compute(), prog_bar=name.startswith("val_"))
         metric.reset()
+
+    def _log_epoch_accuracy(self, stage: str) -> None:
+        self._log_epoch_metric(f"{stage}_acc")
 
     def on_train_epoch_end(self) -> None:
         if self.train_loss_mean.update_count:
@@ -131,10 +135,13 @@ class ClassifierModule(pl.LightningModule):
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         x, y = batch[0], batch[1]
-        logits = self(x)
-        loss = soft_cross_entropy(logits, y)
-        getattr(self, f"{stage}_acc").update(logits, hard_targets(y))
-        self.log(f"{stage}_loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(y))
+        self._update_eval_metrics(self(x), y, stage)
+
+    def _update_eval_metrics(self, logits: torch.Tensor, targets: torch.Tensor, stage: str) -> None:
+        """Accumulate ``{stage}_acc`` and log ``{stage}_loss`` for one evaluation batch (subclasses reuse it)."""
+        getattr(self, f"{stage}_acc").update(logits, hard_targets(targets))
+        loss = soft_cross_entropy(logits, targets)
+        self.log(f"{stage}_loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(targets))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "val")

@@ -41,7 +41,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_methods._knn import BACKENDS, build_knn_index, faiss_available
 from lightning_methods._utils import check_targets, probe_output
-from lightning_methods.classifier import ClassifierModule, hard_targets, soft_cross_entropy
+from lightning_methods.classifier import ClassifierModule, hard_targets
 
 __all__ = ["ResMem", "residuals", "resmem_weights", "combine", "base_prediction", "DEFAULT_TUNE_GRID"]
 
@@ -586,11 +586,9 @@ class ResMem(ClassifierModule):
         x, y = batch[0], batch[1]
         outputs, emb = self._forward_with_embedding(x)
         if self.task == "classification":
-            labels = hard_targets(y)
-            getattr(self, f"{stage}_acc").update(outputs, labels)
-            self.log(f"{stage}_loss", soft_cross_entropy(outputs, y), prog_bar=stage == "val", sync_dist=True, batch_size=len(y))
+            self._update_eval_metrics(outputs, y, stage)
             if self.has_memory:
-                getattr(self, f"{stage}_resmem_acc").update(self._combine(outputs, emb), labels)
+                getattr(self, f"{stage}_resmem_acc").update(self._combine(outputs, emb), hard_targets(y))
             return
         targets = self._memory_targets(y, outputs)
         getattr(self, f"{stage}_mse").update(self._flat_outputs(outputs), targets)
@@ -600,10 +598,7 @@ class ResMem(ClassifierModule):
     def _log_epoch_metrics(self, stage: str) -> None:
         names = ("resmem_acc",) if self.task == "classification" else ("mse", "resmem_mse")
         for name in names:
-            metric = getattr(self, f"{stage}_{name}")
-            if metric.update_count:  # compute() syncs across DDP ranks
-                self.log(f"{stage}_{name}", metric.compute(), prog_bar=stage == "val")
-            metric.reset()
+            self._log_epoch_metric(f"{stage}_{name}")
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
