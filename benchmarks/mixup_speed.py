@@ -3,13 +3,15 @@
 Same LightningModule (``ClassifierModule``), same data, same Trainer; only the callback differs:
 
   none            no mixup (the baseline)
+  onehot_only     targets turned into one-hot float targets, inputs untouched: the cost of the soft-target loss path
+                  that any mixup pays, whoever mixes
   ours_sample     MixupCallback(alpha=1, num_points=2, per_sample=True)   one lam per example (the paper's)
   ours_batch      MixupCallback(alpha=1, num_points=2, per_sample=False)  one lam per batch
   ours_k4         MixupCallback(alpha=1, num_points=4)                    4-point mixup
   timm_batch      timm.data.Mixup(mixup_alpha=1, cutmix_alpha=0, mode="batch") applied in a callback
   timm_elem       timm.data.Mixup(..., mode="elem"), timm's per-example lam
 
-All arms run in one training run, interleaved step by step (step i uses arm i mod 6), so drift and other processes on
+All arms run in one training run, interleaved step by step (step i uses arm i mod 7), so drift and other processes on
 a shared machine hit every arm alike. A step's time is the process CPU time from ``on_train_batch_start`` (before any
 mixing) to ``on_train_batch_end`` (after the optimizer step): mixing, forward, backward, optimizer, logging; data
 loading is identical for every arm and left out, which makes the ratios slightly conservative. Each arm's time is the
@@ -47,7 +49,7 @@ from datamodules import DigitsDataModule, MNISTDataModule  # noqa: E402
 from lightning_methods import ClassifierModule  # noqa: E402
 from lightning_methods.nets import MLP, SmallCNN  # noqa: E402
 
-ARMS = ("none", "ours_sample", "ours_batch", "ours_k4", "timm_batch", "timm_elem")
+ARMS = ("none", "onehot_only", "ours_sample", "ours_batch", "ours_k4", "timm_batch", "timm_elem")
 
 
 class _Interleaved(Callback):
@@ -100,9 +102,19 @@ class _TimmMixup(Callback):
         batch[0], batch[1] = self.fn(batch[0], batch[1])
 
 
+class _OneHotOnly(Callback):
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        batch[1] = torch.nn.functional.one_hot(batch[1], self.num_classes).float()
+
+
 def _callback(arm: str, num_classes: int) -> Callback | None:
     if arm == "none":
         return None
+    if arm == "onehot_only":
+        return _OneHotOnly(num_classes)
     if arm.startswith("timm"):
         return _TimmMixup(arm.split("_")[1], num_classes)
     return MixupCallback(
