@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 from typing import Any
+from unittest import mock
 
 import lightning.pytorch as pl
 import torch
@@ -34,7 +35,8 @@ def run_cli(*args: str) -> Any:
     """Run the ``lightning-methods`` CLI in this process (like the console script) and return the CLI object."""
     from lightning_methods.cli import cli_main
 
-    with contextlib.redirect_stdout(io.StringIO()):
+    # LightningCLI warns when given args while sys.argv holds pytest's own arguments
+    with contextlib.redirect_stdout(io.StringIO()), mock.patch("sys.argv", ["lightning-methods"]):
         return cli_main(list(args))
 
 
