@@ -34,10 +34,11 @@ def test_quickstart_console_script_prints_test_accuracy(tmp_path):
     assert float(match.group(1)) >= 0.9
 
 
-def test_print_config_shows_the_resolved_config(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        from lightning_methods.cli import cli_main
+def test_print_config_shows_the_resolved_config(capsys, monkeypatch):
+    from lightning_methods.cli import cli_main
 
+    monkeypatch.setattr("sys.argv", ["lightning-methods"])
+    with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", QUICKSTART, "--print_config"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
