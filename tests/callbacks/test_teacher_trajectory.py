@@ -9,18 +9,16 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, DistributedSampler
 
 from callbacks import TeacherTrajectory
 from callbacks.teacher_trajectory import list_checkpoints
-from datamodules import DigitsDataModule
 from lightning_methods import ClassifierModule, DistillationModule
 from lightning_methods.distillation import load_backbone_weights
 from tests.helpers import cpu_trainer, ddp_trainer
 from tests.lightning_methods.test_distillation import (  # noqa: F401  (teacher_dir is a fixture)
     TEACHER_EPOCHS,
+    _InOrderDigits,
     digits,
     student_net,
     teacher_dir,
@@ -41,16 +39,6 @@ class _RecordTeacher(pl.Callback):
         if self.out is not None:
             with open(self.out / f"rank{trainer.global_rank}.jsonl", "a") as f:
                 f.write(json.dumps([trainer.current_epoch, index]) + "\n")
-
-
-class _InOrderDigits(DigitsDataModule):
-    """Digits without shuffling under DDP too: Lightning's own DistributedSampler always shuffles training data, so
-    rank r reads examples r, r + 2, ... and the two ranks' batches of 8 are exactly one process's batch of 16."""
-
-    def train_dataloader(self) -> DataLoader:
-        self._require_setup()
-        sampler = DistributedSampler(self.train_dataset, shuffle=False) if dist.is_initialized() else None
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler)
 
 
 def _heads(teacher_dir: Path) -> list[torch.Tensor]:
