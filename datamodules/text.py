@@ -29,7 +29,6 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ._tokenizer import (
@@ -480,14 +479,14 @@ def _addition_problems(rng: np.random.Generator, n: int, min_digits: int, max_di
     return [(f"{a}+{b}=", str(a + b)) for a, b in values.tolist()]
 
 
-def _three_sum_problems(rng: np.random.Generator, n: int, length: int, dim: int) -> list[tuple[str, str]]:
-    """Balanced 3SUM problems: ``length`` vectors of ``dim`` digits; T iff three of them sum to 0 mod 10."""
-    triples = np.array(list(itertools.combinations(range(length), 3)))
+def _k_sum_problems(rng: np.random.Generator, n: int, length: int, dim: int, k: int) -> list[tuple[str, str]]:
+    """Balanced k-SUM problems: ``length`` vectors of ``dim`` digits; T iff ``k`` of them sum to 0 mod 10."""
+    groups = np.array(list(itertools.combinations(range(length), k)))
     out: list[tuple[str, str]] = []
     want = {True: (n + 1) // 2, False: n // 2}
     while want[True] or want[False]:
         x = rng.integers(0, 10, size=(4 * n + 64, length, dim))
-        sums = x[:, triples].sum(axis=2) % 10  # (batch, n_triples, dim)
+        sums = x[:, groups].sum(axis=2) % 10  # (batch, n_groups, dim)
         has = (sums == 0).all(axis=2).any(axis=1)
         for row, label in zip(x, has.tolist()):
             if want[label]:
@@ -503,9 +502,10 @@ class SyntheticReasoningDataModule(_TokenDataModule):
     * ``task="addition"``: ``"a+b="`` -> ``"c"``, each operand with ``min_digits``..``max_digits`` digits (uniform
       digit count, then uniform value), written most-significant digit first: the first answer digit already depends
       on every carry, the computation a left-to-right model must do before it speaks.
-    * ``task="3sum"``: ``length`` vectors of ``dim`` digits (``"37 05 91 ...="``) -> ``"T"`` if some three of them sum
-      to zero mod 10 in every coordinate, else ``"F"``; classes balanced. Every triple can be checked independently:
-      the parallelizable kind of task on which extra (filler/pause) positions help (Pfau, Merrill, Bowman 2024).
+    * ``task="3sum"``: ``length`` vectors of ``dim`` digits (``"37 05 91 ...="``) -> ``"T"`` if some three of them
+      (``sum_of`` of them) sum to zero mod 10 in every coordinate, else ``"F"``; classes balanced. Every triple can be
+      checked independently: the parallelizable kind of task on which extra (filler/pause) positions help (Pfau,
+      Merrill, Bowman 2024).
 
     ``batch_format="prompt_target"`` yields prompt/target batches (finetuning); ``"lm"`` yields each problem as one
     right-padded text sequence ``prompt + target + EOS`` (pretraining). Validation and test problems are fixed by
@@ -521,6 +521,7 @@ class SyntheticReasoningDataModule(_TokenDataModule):
         max_digits: most digits of an addition operand.
         length: number of vectors of a 3SUM problem.
         dim: digits per 3SUM vector.
+        sum_of: how many vectors must sum to zero (3 for 3SUM; 2 gives the easier 2SUM).
         batch_size: training batch size (per device under DDP).
         eval_batch_size: validation/test batch size; defaults to ``batch_size``.
         num_workers: DataLoader workers.
@@ -540,6 +541,7 @@ class SyntheticReasoningDataModule(_TokenDataModule):
         max_digits: int = 3,
         length: int = 6,
         dim: int = 1,
+        sum_of: int = 3,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -557,11 +559,15 @@ class SyntheticReasoningDataModule(_TokenDataModule):
         _positive_int("min_digits", min_digits)
         if not isinstance(max_digits, int) or max_digits < min_digits:
             raise ValueError(f"`max_digits` must be an integer >= min_digits={min_digits}, got {max_digits!r}.")
-        if not isinstance(length, int) or length < 3:
-            raise ValueError(f"`length` (vectors per 3SUM problem) must be an integer >= 3, got {length!r}.")
+        if not isinstance(sum_of, int) or sum_of < 2:
+            raise ValueError(f"`sum_of` (vectors that must sum to zero) must be an integer >= 2, got {sum_of!r}.")
+        if not isinstance(length, int) or length < sum_of:
+            raise ValueError(
+                f"`length` (vectors per 3SUM problem) must be an integer >= sum_of={sum_of}, got {length!r}."
+            )
         self.task, self.batch_format = task, batch_format
         self.num_train, self.num_val, self.num_test = num_train, num_val, num_test
-        self.min_digits, self.max_digits, self.length, self.dim = min_digits, max_digits, length, dim
+        self.min_digits, self.max_digits, self.length, self.dim, self.sum_of = min_digits, max_digits, length, dim, sum_of
         self.tokenizer = synthetic_tokenizer()
         self.pairs = self._problems()
         if batch_format == "lm":
@@ -576,7 +582,7 @@ class SyntheticReasoningDataModule(_TokenDataModule):
         def draw(n: int) -> list[tuple[str, str]]:
             if self.task == "addition":
                 return _addition_problems(rng, n, self.min_digits, self.max_digits)
-            return _three_sum_problems(rng, n, self.length, self.dim)
+            return _k_sum_problems(rng, n, self.length, self.dim, self.sum_of)
 
         evaluation = list(dict.fromkeys(draw(2 * n_eval + 16)))[:n_eval]
         if len(evaluation) < n_eval:

@@ -35,7 +35,6 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 from transformers import AddedToken, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -226,8 +225,9 @@ class PauseTokenLM(pl.LightningModule):
         model: a causal LM (``AutoModelForCausalLM``), a config to build one from scratch (its ``vocab_size`` is
             set to the tokenizer's), a Hugging Face model directory, or a ``.ckpt`` written by this module (e.g. the
             pretraining stage, to finetune from it; its tokenizer comes along).
-        tokenizer: a Hugging Face tokenizer or a tokenizer directory; optional when ``model`` is a directory or a
-            checkpoint that holds one.
+        tokenizer: a Hugging Face tokenizer or a tokenizer directory. Optional: a directory or checkpoint ``model``
+            brings its own, and otherwise the model is built when fitting starts, from the datamodule's ``tokenizer``
+            (how the CLI configs work; pass it explicitly for ``strategy="ddp_spawn"`` or to generate before fitting).
         pause_token: the pause token's text; it must not be a token of the text vocabulary.
         pretrain_pause_fraction: pauses per real token in pause-pretraining (the paper: 10%); 0 turns them off.
         num_pauses: ``M_ft`` pauses appended to each prompt in finetuning, and the default ``M_inf`` of
@@ -241,9 +241,12 @@ class PauseTokenLM(pl.LightningModule):
     Note:
         Checkpoints carry the tokenizer (with the pause token) and the model config: ``PauseTokenLM(model="x.ckpt",
         mode="finetune", ...)`` starts a new stage from one (the four variants of the paper), and
-        ``load_from_checkpoint`` checks that the tokenizer you pass is the one the checkpoint was trained with. A
-        tokenizer without the pause token cannot load a pause-trained model: the id of its pause row would be
-        guessed. :meth:`save_pretrained` writes a plain Hugging Face directory (``config.pause_token_id`` set).
+        ``load_from_checkpoint(path)`` defaults to the stored tokenizer and rejects one with another vocabulary.
+        A pause-trained model is never paired with a tokenizer lacking the pause token unless that tokenizer is
+        exactly the stored one's text vocabulary (then the pause is re-added at its trained id); otherwise it is
+        an error, since the pause row's id would be a guess. :meth:`save_pretrained` writes a plain Hugging Face
+        directory (``config.pause_token_id`` set). A model pretrained *without* pauses gets a fresh pause row (the
+        mean embedding) when pause-finetuning starts, as the paper adds the token at that point.
 
     Example::
 

@@ -153,12 +153,15 @@ def test_synthetic_addition_msd_first_and_held_out():
     assert set(batch) == {"input_ids", "attention_mask"} and lm.max_length == 3 + 1 + 3 + 1 + 4 + 1
 
 
-def test_synthetic_three_sum_labels_and_balance():
-    dm = SyntheticReasoningDataModule(task="3sum", length=6, dim=2, num_train=400, num_val=50, num_test=50)
+@pytest.mark.parametrize("sum_of", [3, 2])
+def test_synthetic_three_sum_labels_and_balance(sum_of):
+    dm = SyntheticReasoningDataModule(task="3sum", length=6, dim=2, sum_of=sum_of, num_train=400, num_val=50, num_test=50)
     for p, t in dm.pairs["train"][:200]:
         vectors = [[int(c) for c in v] for v in p[:-1].split(" ")]
         assert len(vectors) == 6 and all(len(v) == 2 for v in vectors)
-        has = any(all((x + y + z) % 10 == 0 for x, y, z in zip(*trio)) for trio in itertools.combinations(vectors, 3))
+        has = any(
+            all(sum(xs) % 10 == 0 for xs in zip(*group)) for group in itertools.combinations(vectors, sum_of)
+        )
         assert t == ("T" if has else "F")
     labels = [t for _, t in dm.pairs["train"]]
     assert labels.count("T") == labels.count("F") == 200
@@ -172,5 +175,7 @@ def test_synthetic_errors():
         SyntheticReasoningDataModule(min_digits=3, max_digits=2)
     with pytest.raises(ValueError, match="`length`"):
         SyntheticReasoningDataModule(task="3sum", length=2)
+    with pytest.raises(ValueError, match="`sum_of`"):
+        SyntheticReasoningDataModule(task="3sum", sum_of=1)
     with pytest.raises(ValueError, match="Too few distinct problems"):
         SyntheticReasoningDataModule(min_digits=1, max_digits=1, num_val=80, num_test=80)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -16,7 +15,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 from datamodules import DigitsDataModule, SyntheticReasoningDataModule
 from datamodules._tokenizer import char_tokenizer, pad_sequences
 from lightning_methods import PauseTokenLM
-from lightning_methods.pause_lm import IGNORE_INDEX, finetune_inputs, insert_pauses, pretrain_labels
+from lightning_methods.pause_lm import finetune_inputs, insert_pauses, pretrain_labels
 from tests.helpers import cpu_trainer, ddp_trainer
 
 ALPHABET = "0123456789+= ,?TF.\n"
