@@ -92,8 +92,10 @@ class MixingSampler:
     """:func:`sample_mixing` for a stream of batches, as torch tensors, cheaply.
 
     Weights and partner indices are drawn in pools (a few numpy calls per pool instead of per batch) and kept as
-    tensors, so a batch costs two slices; pools start small and double up to ``pool_size`` examples, so a short
-    epoch does not pay for draws it never uses. Running statistics of the weights handed out are kept on the side.
+    tensors, so a batch costs two slices. When the number of batches to come is known (``num_batches``, e.g. the
+    epoch's), the first pools cover exactly those batches (up to ``pool_size`` examples): one draw per epoch, and
+    none wasted. Otherwise pools start small and double up to ``pool_size`` examples, so a short stream does not pay
+    for draws it never uses. Running statistics of the weights handed out are kept on the side.
 
     Args:
         num_points: ``k``.
@@ -102,6 +104,8 @@ class MixingSampler:
         per_sample: one weight vector per example or per batch.
         distinct_partners: see :func:`sample_mixing`.
         pool_size: the largest pool, in examples.
+        num_batches: how many batches the stream will serve, if known (sizes the pools; the draws stay a function
+            of the generator and of this number).
     """
 
     def __init__(
@@ -112,14 +116,17 @@ class MixingSampler:
         per_sample: bool = True,
         distinct_partners: bool = True,
         pool_size: int = 4096,
+        num_batches: int | None = None,
     ) -> None:
         self.k, self.alpha, self.rng = num_points, float(alpha), rng
-        self._next_rows = 128  # size of the next weight pool (doubles up to pool_size)
+        self._next_rows = 128  # size of the next weight pool when num_batches is unknown (doubles up to pool_size)
+        self.num_batches = num_batches
+        self._served = 0  # batches served so far
         self.per_sample, self.distinct_partners, self.pool_size = per_sample, distinct_partners, pool_size
         self._pool_np = np.empty((0, num_points))
         self._pool = torch.empty(0, num_points)
-        self._pos = 0
-        self._partner_pools: dict[int, list] = {}  # batch size -> [indices (M, k, n), next batch, next M]
+        self._pos = self._pool_len = 0  # plain ints: len() of a tensor costs microseconds on the hot path
+        self._partner_pools: dict[int, list] = {}  # batch size -> [indices (M, k, n), next batch, next M, M]
         self._batch_sizes: list[int] = []  # per-batch mode: the size each row of the pool was used for
         self._done = np.zeros(2)  # (sum of largest weight, sum of own weight) over pools already used up
         #: number of examples mixed so far
@@ -142,19 +149,26 @@ class MixingSampler:
         """Sum over the examples mixed so far of the weight each kept of itself."""
         return float(self._done[1] + self._consumed()[1])
 
+    def _batches_left(self) -> int | None:
+        return None if self.num_batches is None else max(1, self.num_batches - self._served)
+
     def _refill(self, rows: int) -> None:
         self._done += self._consumed()  # statistics are computed once per pool, not per batch
-        size = max(rows, self._next_rows)
-        self._next_rows = min(2 * self._next_rows, self.pool_size)
+        left = self._batches_left()
+        if left is not None:  # the rest of the stream, as far as pool_size allows
+            size = max(rows, min(left * rows, self.pool_size))
+        else:
+            size = max(rows, self._next_rows)
+            self._next_rows = min(2 * self._next_rows, self.pool_size)
         self._pool_np = self.rng.dirichlet(np.full(self.k, self.alpha), size=size)
         # stored as (k, rows) so that a batch's column lam[:, m] is a contiguous slice
         self._pool = torch.from_numpy(np.ascontiguousarray(self._pool_np.T, dtype=np.float32)).T
-        self._pos = 0
+        self._pos, self._pool_len = 0, size
 
     def __call__(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Weights ``(n, k)`` (or ``(1, k)`` per batch), float32, and partner indices ``(n, k)``, int64, on the CPU."""
         rows = n if self.per_sample else 1
-        if self._pos + rows > len(self._pool):
+        if self._pos + rows > self._pool_len:
             self._refill(rows)
         lam = self._pool[self._pos : self._pos + rows]
         self._pos += rows
@@ -162,14 +176,17 @@ class MixingSampler:
         if not self.per_sample:
             self._batch_sizes.append(n)
         pool = self._partner_pools.get(n)
-        if pool is None or pool[1] == len(pool[0]):
-            batches = 2 if pool is None else pool[2]
+        if pool is None or pool[1] == pool[3]:
+            most = max(1, self.pool_size // max(n, 1))
+            left = self._batches_left()
+            batches = min(left, most) if left is not None else (2 if pool is None else pool[2])
             indices = _partners(n, self.k, self.rng, self.distinct_partners, batches)
             # (batches, k, n) storage: a batch's partner column index[:, m] is contiguous
             indices = torch.from_numpy(np.ascontiguousarray(indices.transpose(0, 2, 1)))
-            pool = self._partner_pools[n] = [indices, 0, min(2 * batches, max(1, self.pool_size // max(n, 1)))]
+            pool = self._partner_pools[n] = [indices, 0, min(2 * batches, most), batches]
         index = pool[0][pool[1]].T
         pool[1] += 1
+        self._served += 1
         return lam, index
 
 
@@ -237,6 +254,12 @@ def mixup(
 
 
 # -- the callback -------------------------------------------------------------------------------------------------
+def _finite_batches(trainer: pl.Trainer) -> int | None:
+    """Training batches in this epoch, or None when unknown (an iterable dataset without a length)."""
+    batches = trainer.num_training_batches
+    return int(batches) if isinstance(batches, (int, float)) and 0 < batches < float("inf") else None
+
+
 _BATCH_FIX = (
     "MixupCallback replaces the inputs and targets inside the training batch (a Callback cannot return a new "
     "batch), so the batch must be a list or a dict. Fix: return a list `[inputs, targets]` from your Dataset / "
@@ -374,7 +397,10 @@ class MixupCallback(Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A stream per (seed, rank, epoch): ranks differ, and resuming at an epoch boundary replays exactly.
         rng = np.random.default_rng([self._resolved_seed, trainer.global_rank, trainer.current_epoch])
-        self._sampler = MixingSampler(self.num_points, self.alpha, rng, self.per_sample, self.distinct_partners)
+        self._sampler = MixingSampler(
+            self.num_points, self.alpha, rng, self.per_sample, self.distinct_partners,
+            num_batches=_finite_batches(trainer),
+        )
 
     # -- the mixing ----------------------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:

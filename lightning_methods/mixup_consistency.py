@@ -37,7 +37,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from callbacks.mixup import MixingSampler, mix, mix_targets
+from callbacks.mixup import MixingSampler, _finite_batches, mix, mix_targets
 from lightning_methods._utils import save_hparams
 from lightning_methods.classifier import ClassifierModule, hard_targets
 
@@ -150,7 +150,7 @@ class MixupConsistencyModule(ClassifierModule):
         self._weight = 0.0
         self.val_ema_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_ema_acc = MulticlassAccuracy(num_classes, average="micro")
-        self._samplers: dict[float, MixingSampler] = {}
+        self._samplers: dict[str, MixingSampler] = {}  # one mixing stream per input stream
         self._ema_step = 0  # optimizer steps folded into the teacher (equals global_step; kept to skip repeats)
 
     # -- the teacher -------------------------------------------------------------------------------------------------
@@ -189,18 +189,24 @@ class MixupConsistencyModule(ClassifierModule):
             self.seed = int(torch.initial_seed()) % (2**63)
         # a stream per (seed, rank, epoch): DDP ranks differ, an end-of-epoch resume replays the same draws
         rng = np.random.default_rng([self.seed, self.global_rank, self.current_epoch])
-        alphas = {self.alpha} | ({self.supervised_alpha} if self.supervised_alpha is not None else set())
-        self._samplers = {a: MixingSampler(self.num_points, a, rng, self.per_sample) for a in sorted(alphas)}
+        alphas = {"unlabeled": self.alpha}
+        if self.supervised_alpha is not None:
+            alphas["labeled"] = self.supervised_alpha
+        batches = _finite_batches(self.trainer) if self._trainer is not None else None
+        self._samplers = {
+            stream: MixingSampler(self.num_points, a, rng, self.per_sample, num_batches=batches)
+            for stream, a in alphas.items()
+        }
 
     def consistency_ramp(self, batch_idx: int = 0) -> float:
         """The ramp-up factor at the current (fractional) epoch."""
         epochs = self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches)
         return sigmoid_rampup(epochs, self.rampup_epochs)
 
-    def _draw(self, n: int, alpha: float, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draw(self, n: int, stream: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._samplers:
             self.on_train_epoch_start()
-        lam, index = self._samplers[alpha](n)
+        lam, index = self._samplers[stream](n)
         return lam.to(device=device, dtype=dtype), index.to(device)
 
     def _split_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -232,7 +238,7 @@ class MixupConsistencyModule(ClassifierModule):
 
         # supervised term: ERM on the labels, or k-point supervised mixup when `supervised_alpha` is set
         if self.supervised_alpha is not None:
-            lam, index = self._draw(len(x), self.supervised_alpha, x.device, x.dtype)
+            lam, index = self._draw(len(x), "labeled", x.device, x.dtype)
             logits = self(mix(x, lam, index))
             y = mix_targets(y, lam, index, self.num_classes)  # train_acc then scores the dominant class
         else:
@@ -240,7 +246,7 @@ class MixupConsistencyModule(ClassifierModule):
         sup_loss = self.loss(logits, y)
 
         # unsupervised term (ICT): the student at a mix of unlabelled points vs softmax of the teacher's mixed logits
-        lam, index = self._draw(len(u), self.alpha, u.device, u.dtype)
+        lam, index = self._draw(len(u), "unlabeled", u.device, u.dtype)
         cons_loss = self.consistency_loss(u, lam, index)
         weight = self.consistency_weight * self.consistency_ramp(batch_idx)
         loss = sup_loss + weight * cons_loss
