@@ -174,6 +174,29 @@ def test_two_point_weights_are_beta_and_k_point_marginals_are_beta():
     assert stats.kstest(lam4[:, 2], stats.beta(1.0, 3.0).cdf).pvalue > 0.01
 
 
+def test_sampler_sized_to_the_epoch_serves_any_stream():
+    """Pools sized from `num_batches` (one draw per epoch) stay correct when the hint is exceeded or sizes vary."""
+    def stream(num_batches):
+        sampler = MixingSampler(3, 1.0, np.random.default_rng(5), num_batches=num_batches)
+        return sampler, [sampler(n) for n in (16, 16, 16, 5, 1, 16, 16)]  # 7 batches, more than the hint of 4
+
+    sampler, draws = stream(4)
+    for (lam, index), n in zip(draws, (16, 16, 16, 5, 1, 16, 16)):
+        assert lam.shape == (n, 3) and index.shape == (n, 3)
+        torch.testing.assert_close(lam.sum(1), torch.ones(n))
+        assert (index[:, 0] == torch.arange(n)).all()
+        for m in range(1, 3):
+            assert sorted(index[:, m].tolist()) == list(range(n))
+            if n >= 3:
+                assert (index[:, m] != torch.arange(n)).all()
+    assert sampler.count == 86 and 1 / 3 <= sampler.sum_max / sampler.count <= 1
+    # the stream is a function of the generator's seed and of the hint
+    _, again = stream(4)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(draws, again))
+    # a batch seen twice in a row gets fresh partners and weights
+    assert not torch.equal(draws[0][1], draws[1][1]) and not torch.equal(draws[0][0], draws[1][0])
+
+
 def test_partners_are_permutations_without_self_pairs():
     rng = np.random.default_rng(0)
     for n, k in [(7, 3), (64, 4), (2, 2)]:
