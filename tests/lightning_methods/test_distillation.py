@@ -313,6 +313,13 @@ def test_bad_arguments_fail_at_init(kwargs, error, match):
         DistillationModule(**args)
 
 
+def test_kd_loss_rejects_logits_of_different_class_counts():
+    with pytest.raises(ValueError, match="teacher and student must predict the same classes"):
+        kd_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="teacher and student must predict the same classes"):
+        distillation_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.tensor([0, 1]), alpha=0.5)
+
+
 def _fit_fails(module, dm, error, match):
     trainer = cpu_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0)
     with pytest.raises(error, match=match):

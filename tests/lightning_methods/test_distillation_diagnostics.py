@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import DistillationDiagnostics
 from lightning_methods import ClassifierModule, DistillationModule
@@ -184,3 +185,27 @@ def test_diagnostics_callback_errors():
     with pytest.raises(TypeError, match="needs a DistillationModule"):
         trainer.fit(ClassifierModule(student_net(), num_classes=10), digits())
     assert trainer.global_step == 0
+    # no datamodule to draw fixed, un-augmented subsets from
+    loader = DataLoader(TensorDataset(torch.rand(8, 1, 8, 8), torch.arange(8)), batch_size=4)
+    trainer = cpu_trainer(max_epochs=1, limit_train_batches=1, callbacks=[DistillationDiagnostics()])
+    with pytest.raises(ValueError, match=r"needs a datamodule with `dataset\(split\)`"):
+        trainer.fit(DistillationModule(student_net(), teacher_net(), num_classes=10), loader)
+    assert trainer.global_step == 0
+
+
+def test_diagnostic_functions_reject_bad_input():
+    with pytest.raises(ValueError, match="`inputs` must be a batch"):
+        empirical_ntk(nn.Linear(3, 2), torch.randn(3))
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        empirical_ntk(nn.Linear(3, 2).requires_grad_(False), torch.randn(4, 3))
+    kernel = torch.eye(4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="integer dtype"):
+        supervision_complexity_from_kernel(kernel, torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match=r"class indices \(n,\) or a target matrix"):
+        supervision_complexity_from_kernel(kernel, torch.zeros(4, 2, 1))
+    with pytest.raises(ValueError, match="`ridge` must be >= 0"):
+        supervision_complexity_from_kernel(kernel, torch.zeros(4, 2), ridge=-1.0)
+    with pytest.raises(ValueError, match="zero trace"):
+        supervision_complexity_from_kernel(torch.zeros(4, 4, dtype=torch.float64), torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="at least 2 points"):
+        exaggeration_slope(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.5, 0.5]]))
