@@ -126,7 +126,7 @@ class MixingSampler:
         self._pool_np = np.empty((0, num_points))
         self._pool = torch.empty(0, num_points)
         self._pos = self._pool_len = 0  # plain ints: len() of a tensor costs microseconds on the hot path
-        self._partner_pools: dict[int, list] = {}  # batch size -> [indices (M, k, n), next batch, next M, M]
+        self._partner_pools: dict[int, list] = {}  # batch size -> [M index views (n, k), next batch, next M, M]
         self._batch_sizes: list[int] = []  # per-batch mode: the size each row of the pool was used for
         self._done = np.zeros(2)  # (sum of largest weight, sum of own weight) over pools already used up
         #: number of examples mixed so far
@@ -181,10 +181,11 @@ class MixingSampler:
             left = self._batches_left()
             batches = min(left, most) if left is not None else (2 if pool is None else pool[2])
             indices = _partners(n, self.k, self.rng, self.distinct_partners, batches)
-            # (batches, k, n) storage: a batch's partner column index[:, m] is contiguous
-            indices = torch.from_numpy(np.ascontiguousarray(indices.transpose(0, 2, 1)))
+            # (batches, k, n) storage: a batch's partner column index[:, m] is contiguous; one unbind makes every
+            # batch's (n, k) view at once, so a batch costs a tuple lookup rather than two tensor ops
+            indices = torch.from_numpy(np.ascontiguousarray(indices.transpose(0, 2, 1))).transpose(1, 2).unbind(0)
             pool = self._partner_pools[n] = [indices, 0, min(2 * batches, most), batches]
-        index = pool[0][pool[1]].T
+        index = pool[0][pool[1]]
         pool[1] += 1
         self._served += 1
         return lam, index
@@ -410,7 +411,7 @@ class MixupCallback(Callback):
         if self._sampler is None:  # the loop always calls on_train_epoch_start first; stay reproducible regardless
             self.on_train_epoch_start(trainer, pl_module)
         x, y = batch[self.input_key], batch[self.target_key]
-        lam, index = self._sampler(len(x))
+        lam, index = self._sampler(x.shape[0])
         if x.device.type != "cpu":
             lam, index = lam.to(x.device, non_blocking=True), index.to(x.device, non_blocking=True)
         batch[self.target_key] = mix_targets(y, lam, index, self._classes)
