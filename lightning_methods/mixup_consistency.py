@@ -263,11 +263,13 @@ class MixupConsistencyModule(ClassifierModule):
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
+        # compute() already reduced the means across DDP ranks and the weight is the same on every rank: sync_dist
+        # averages identical values (and keeps Lightning from warning about unsynced epoch-level logs)
         for name, metric in (("train_sup_loss", self.sup_loss_mean), ("train_consistency_loss", self.consistency_loss_mean)):
             if metric.update_count:
-                self.log(name, metric.compute())
+                self.log(name, metric.compute(), sync_dist=True)
             metric.reset()
-        self.log("consistency_weight", self._weight)
+        self.log("consistency_weight", self._weight, sync_dist=True)
 
     # -- evaluation: the student as in ClassifierModule, plus the teacher --------------------------------------------
     def _evaluate(self, batch: Any, stage: str) -> None:

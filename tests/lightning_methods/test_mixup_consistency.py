@@ -174,5 +174,7 @@ def test_errors():
     module = MixupConsistencyModule(net, 10)
     with pytest.raises(ValueError, match=r"'labeled'.*SemiSupervisedDataModule"):
         module._split_batch({"x": torch.zeros(2, 64)})
+    with pytest.raises(TypeError, match=r"SemiSupervisedDataModule \(dict batches\) or \[inputs, targets\] lists"):
+        module._split_batch(torch.zeros(2, 64))
     with pytest.raises(ValueError, match="num_classes=3"):  # the foundation's backbone/data check still runs
         cpu_trainer(max_epochs=1).fit(MixupConsistencyModule(MLP(64, 3), 3), _semi())
