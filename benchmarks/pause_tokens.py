@@ -106,7 +106,10 @@ class ExactMatchCurve(pl.Callback):
 
     def on_train_batch_end(self, trainer, lm, outputs, batch, batch_idx) -> None:
         if trainer.global_step in self.at:
-            self.curve[trainer.global_step] = exact_match(lm, self.dm, self.num_pauses)
+            # the test loader draws from the global RNG: without fork_rng, measuring the curve would change the
+            # training data order that follows, so the final numbers would depend on --curve-at
+            with torch.random.fork_rng():
+                self.curve[trainer.global_step] = exact_match(lm, self.dm, self.num_pauses)
 
 
 def exact_match(lm: PauseTokenLM, dm: SyntheticReasoningDataModule, m: int, token: int | None = None) -> float:
