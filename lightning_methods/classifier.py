@@ -118,20 +118,23 @@ class ClassifierModule(pl.LightningModule):
             self.log(name, metric.compute(), prog_bar=name.startswith("val_"))
         metric.reset()
 
-    def _log_epoch_accuracy(self, stage: str) -> None:
-        self._log_epoch_metric(f"{stage}_acc")
-
     def on_train_epoch_end(self) -> None:
         if self.train_loss_mean.update_count:
             self.log("train_loss", self.train_loss_mean.compute())
         self.train_loss_mean.reset()
-        self._log_epoch_accuracy("train")
+        self._log_epoch_metric("train_acc")
+
+    def _epoch_metrics(self, stage: str) -> list[str]:
+        """Names of the torchmetrics attributes logged at the end of a ``stage`` epoch; subclasses add theirs."""
+        return [f"{stage}_acc"]
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch_accuracy("val")
+        for name in self._epoch_metrics("val"):
+            self._log_epoch_metric(name)
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch_accuracy("test")
+        for name in self._epoch_metrics("test"):
+            self._log_epoch_metric(name)
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         x, y = batch[0], batch[1]

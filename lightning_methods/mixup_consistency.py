@@ -276,13 +276,8 @@ class MixupConsistencyModule(ClassifierModule):
         super()._evaluate(batch, stage)
         getattr(self, f"{stage}_ema_acc").update(self.teacher_logits(batch[0]), hard_targets(batch[1]))
 
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        self._log_epoch_accuracy("val_ema")
-
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        self._log_epoch_accuracy("test_ema")
+    def _epoch_metrics(self, stage: str) -> list[str]:
+        return super()._epoch_metrics(stage) + [f"{stage}_ema_acc"]
 
     # -- checkpointing -------------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -595,18 +595,9 @@ class ResMem(ClassifierModule):
         if self.has_memory:
             getattr(self, f"{stage}_resmem_mse").update(self._combine(outputs, emb), targets)
 
-    def _log_epoch_metrics(self, stage: str) -> None:
+    def _epoch_metrics(self, stage: str) -> list[str]:
         names = ("resmem_acc",) if self.task == "classification" else ("mse", "resmem_mse")
-        for name in names:
-            self._log_epoch_metric(f"{stage}_{name}")
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        self._log_epoch_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        self._log_epoch_metrics("test")
+        return super()._epoch_metrics(stage) + [f"{stage}_{name}" for name in names]
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
