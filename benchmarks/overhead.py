@@ -1,8 +1,9 @@
 """Lightning Trainer step time vs a plain PyTorch loop: same model, same data, same work per step.
 
 Both loops do forward, cross-entropy, backward, Adam step and a torchmetrics accuracy update on the same
-DataLoader; the Trainer runs `ClassifierModule` (which also logs the loss through `self.log` every step), and a
-third arm runs it without the per-step `self.log`, to separate the Trainer loop's cost from logging's. Timing is
+DataLoader; the Trainer runs `ClassifierModule` (which also accumulates the epoch loss and logs the step loss through
+`self.log` every `log_every_n_steps`), and a third arm runs a module that never calls `self.log`, to separate the
+Trainer loop's cost from logging's. Timing is
 steady-state time per step (timestamps after each step, the first `--warmup` steps dropped), the two loops
 interleaved in each repeat so machine noise hits both alike; the result is a ratio measured in one run.
 
