@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 from unittest import mock
 
@@ -29,6 +32,17 @@ def cpu_trainer(**overrides: Any) -> pl.Trainer:
 def ddp_trainer(**overrides: Any) -> pl.Trainer:
     """A 2-process CPU DDP Trainer through ``ddp_spawn`` (plain ``ddp`` would re-run pytest)."""
     return cpu_trainer(strategy="ddp_spawn", devices=2, **overrides)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` (a script directory, not a package) so a smoke test can call its ``main``."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(*args: str) -> Any:

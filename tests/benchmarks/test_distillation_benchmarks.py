@@ -3,24 +3,15 @@ in seconds and writes nothing; the closed-form linear benchmark is cheap enough 
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def test_linear_closed_form_student_beats_an_over_trained_teacher_and_loses_to_an_under_trained_one(tmp_path):
-    rows = _load("distillation_linear").main(["--quick", "--out", str(tmp_path / "l.md")])
+    rows = load_benchmark("distillation_linear").main(["--quick", "--out", str(tmp_path / "l.md")])
     by_time = {r["T"]: r for r in rows}
     assert (by_time[0.3]["student"] > by_time[0.3]["teacher"]).all()  # under-trained teacher: KD shrinks it further
     assert (by_time[10.0]["student"] < by_time[10.0]["teacher"]).all()  # over-trained teacher: KD regularises
@@ -30,7 +21,7 @@ def test_linear_closed_form_student_beats_an_over_trained_teacher_and_loses_to_a
 def test_linear_flow_weights_match_gradient_descent():
     import numpy as np
 
-    bench = _load("distillation_linear")
+    bench = load_benchmark("distillation_linear")
     x, y, *_ = bench.make_problem(0, dim=10, signal=3, n_train=30, n_test=5, noise=0.5)
     w = np.zeros(10)
     lr, steps = 1e-3, 3000  # Euler steps of dw/dt = -X^T (X w - y) / n, up to time 3
@@ -42,7 +33,7 @@ def test_linear_flow_weights_match_gradient_descent():
 
 
 def test_deviation_benchmark_smoke(tmp_path):
-    (result,) = _load("distillation_deviations").main(["--quick", "--out", str(tmp_path / "d.md")])
+    (result,) = load_benchmark("distillation_deviations").main(["--quick", "--out", str(tmp_path / "d.md")])
     for mode in ("one-hot", "KD", "late switch", "reverse switch"):
         assert 0.0 <= result[mode]["test_acc"] <= 1.0 and math.isfinite(result[mode]["test_slope"])
         assert len(result[mode]["test_deciles"]) == 10
@@ -50,7 +41,7 @@ def test_deviation_benchmark_smoke(tmp_path):
 
 
 def test_online_benchmark_smoke(tmp_path):
-    (result,) = _load("distillation_online").main(["--quick", "--out", str(tmp_path / "o.md")])
+    (result,) = load_benchmark("distillation_online").main(["--quick", "--out", str(tmp_path / "o.md")])
     assert set(result) >= {(8, "no KD"), (8, "online KD, tau=1"), (8, "offline KD, tau=4"), "sc_init", "sc_trained"}
     sc = result["sc_init"]
     assert len(sc["trajectory"][1.0]) == 3 and all(v > 0 for v in sc["sweep"])
@@ -60,7 +51,7 @@ def test_online_benchmark_smoke(tmp_path):
 
 @pytest.mark.parametrize("setting", ["mlp-digits"])
 def test_overhead_benchmark_smoke(setting, tmp_path):
-    (row,) = _load("distillation_overhead").main(["--quick", "--settings", setting, "--out", str(tmp_path / "x.md")])
+    (row,) = load_benchmark("distillation_overhead").main(["--quick", "--settings", setting, "--out", str(tmp_path / "x.md")])
     assert row["classifier_ms"] > 0 and row["kd-cached_ms"] > 0
     # one repeat: the reported ratio is exactly the ratio of the two measured step times
     assert row["ratio_cached"] == pytest.approx(row["kd-cached_ms"] / row["classifier_ms"], rel=1e-9)

@@ -1,20 +1,10 @@
 """Smoke runs of benchmarks/dpsgd_f.py and benchmarks/dpsgd_f_perf.py (the full runs are scripts, not tests)."""
 
-import importlib.util
-from pathlib import Path
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def test_accuracy_and_audit_benchmark_smoke(tmp_path):
-    bench = _load("dpsgd_f")
+    bench = load_benchmark("dpsgd_f")
     out = bench.main(["--quick"])
     accuracy = out["accuracy"]["counterexample"]
     assert set(accuracy) == {*bench.METHODS, "non-private"}
@@ -25,7 +15,7 @@ def test_accuracy_and_audit_benchmark_smoke(tmp_path):
 
 
 def test_perf_benchmark_smoke(tmp_path):
-    bench = _load("dpsgd_f_perf")
+    bench = load_benchmark("dpsgd_f_perf")
     (row,) = bench.main(["--quick", "--settings", "linear-digits", "--out", str(tmp_path / "p.md")])
     assert row["opacus loop ms"] > 0 and row["DPSGDFModule ms"] > 0 and row["non-private ms"] > 0
     # one repeat: the reported ratio is exactly the ratio of the two measured step times

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def test_mixup_linearity_quick(tmp_path):
-    text = _load("mixup_linearity").main(["--quick", "--out", str(tmp_path)])
+    text = load_benchmark("mixup_linearity").main(["--quick", "--out", str(tmp_path)])
     for arm in ("erm", "mixup_k2", "mixup_k4", "ict_k2", "ict_k4"):
         assert f"| {arm} |" in text
     assert "NL(ict_k4) - NL(erm)" in text
@@ -25,7 +15,7 @@ def test_mixup_linearity_quick(tmp_path):
 
 
 def test_mixup_speed_quick(tmp_path):
-    text = _load("mixup_speed").main(["--quick", "--out", str(tmp_path)])
+    text = load_benchmark("mixup_speed").main(["--quick", "--out", str(tmp_path)])
     for arm in ("none", "ours_sample", "ours_k4", "timm_batch", "timm_elem"):
         assert f"| {arm} |" in text
     assert "| none | " in text and "1.000x" in text

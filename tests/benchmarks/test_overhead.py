@@ -1,15 +1,10 @@
 """Smoke run of benchmarks/overhead.py (the full run is a script, not a test)."""
 
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "overhead.py"
+from tests.helpers import load_benchmark
 
 
 def test_overhead_benchmark_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("overhead_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("overhead")
     (row,) = module.main(["--quick", "--settings", "mlp-digits", "--out", str(tmp_path / "o.md")])
     assert row["plain_ms"] > 0 and row["lightning_ms"] > 0
     # one repeat: the reported ratio is exactly the ratio of the two measured step times

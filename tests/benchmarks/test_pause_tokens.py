@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "pause_tokens.py"
+from tests.helpers import load_benchmark
 
 
 def test_quick_run_writes_every_table(tmp_path):
-    spec = importlib.util.spec_from_file_location("pause_tokens_bench", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("pause_tokens")
     report = bench.main(["--quick", "--out", str(tmp_path / "pause_tokens")])
     md = (tmp_path / "pause_tokens.md").read_text()
     for heading in ("four variants x M_inf", "equal real tokens seen", "Performance"):

@@ -1,22 +1,12 @@
 """Smoke runs of benchmarks/resmem.py and benchmarks/resmem_knn.py (the full runs are scripts, not tests)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def test_resmem_benchmark_smoke(tmp_path):
-    rows = _load("resmem").main(["--quick", "--out", str(tmp_path / "r.md")])
+    rows = load_benchmark("resmem").main(["--quick", "--out", str(tmp_path / "r.md")])
     assert [(r["n_train"], r["width"]) for r in rows] == [(300, 16), (600, 16)]
     for r in rows:
         for key in ("base", "resmem", "knn"):
@@ -27,7 +17,7 @@ def test_resmem_benchmark_smoke(tmp_path):
 
 def test_resmem_knn_benchmark_smoke(tmp_path):
     pytest.importorskip("faiss")
-    (row,) = _load("resmem_knn").main(["--quick", "--out", str(tmp_path / "k.md")])
+    (row,) = load_benchmark("resmem_knn").main(["--quick", "--out", str(tmp_path / "k.md")])
     assert row["same_as_faiss"] == 1.0 and row["same_as_sklearn"] == 1.0
     assert row["max_d2_diff"] < 1e-4 and all(q > 0 for q in row["qps"].values())
     assert not (tmp_path / "k.md").exists()
