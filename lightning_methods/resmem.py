@@ -24,7 +24,6 @@ The nearest neighbours are exact (:mod:`lightning_methods._knn`: blocked matrix 
 
 from __future__ import annotations
 
-import difflib
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -35,11 +34,13 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_methods._distributed import map_in_order, world
 from lightning_methods._knn import BACKENDS, build_knn_index, faiss_available
+from lightning_methods._layers import default_embedding_layer, forward_with_embedding
 from lightning_methods._utils import check_targets, probe_output
 from lightning_methods.classifier import ClassifierModule, hard_targets
 
@@ -87,22 +88,6 @@ def _check_hyperparameters(k: Any, sigma: Any, temperature: Any) -> None:
         raise ValueError(f"`temperature` must be a positive number, got {temperature!r}.")
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def _gather_in_order(local: torch.Tensor, n: int, world: int) -> torch.Tensor:
-    """All-gather rows ``rank, rank + world, ...`` of every rank back into rows ``0 .. n - 1`` on every rank."""
-    per_rank = -(-n // world)
-    padded = local.new_zeros((per_rank, *local.shape[1:]))
-    padded[: len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.stack(parts, dim=1).reshape(per_rank * world, *local.shape[1:])[:n]
-
-
 def _resize_memory_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     """Let ``load_state_dict`` replace the memory whatever its size (an empty memory included)."""
     for name in _MEMORY:
@@ -110,23 +95,6 @@ def _resize_memory_hook(module: nn.Module, state_dict: dict, prefix: str, *args:
         if value is not None:
             setattr(module, name, torch.empty_like(value, device=getattr(module, name).device))
     module._memory_version += 1
-
-
-class _Capture:
-    """A forward hook that keeps a submodule's output (the embedding) during one forward pass."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        self.layer, self.output = layer, None
-
-    def __enter__(self) -> _Capture:
-        self.handle = self.layer.register_forward_hook(self._hook)
-        return self
-
-    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        self.output = output[0] if isinstance(output, (tuple, list)) else output
-
-    def __exit__(self, *exc: Any) -> None:
-        self.handle.remove()
 
 
 class ResMem(ClassifierModule):
@@ -223,7 +191,7 @@ class ResMem(ClassifierModule):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         self.task = task
         self.num_classes = num_classes
-        self.embedding_layer = self._resolve_embedding_layer(model, embedding_layer)
+        self.embedding_layer = default_embedding_layer(model, embedding_layer)
         self.k, self.sigma, self.temperature = k, float(sigma), float(temperature)
         self.normalize = normalize
         self.tune_on_val = tune_on_val
@@ -245,26 +213,6 @@ class ResMem(ClassifierModule):
             self.test_mse, self.test_resmem_mse = MeanSquaredError(), MeanSquaredError()
 
     # -- configuration checks ----------------------------------------------------------------------------------------
-    @staticmethod
-    def _resolve_embedding_layer(model: nn.Module, name: str | None) -> str:
-        if name is None:
-            name = getattr(model, "PENULTIMATE", None)
-            if name is None:
-                raise ValueError(
-                    f"`embedding_layer` is not set and {type(model).__name__} has no `PENULTIMATE` attribute: name the "
-                    "submodule whose output is the embedding, e.g. `embedding_layer='avgpool'` for a torchvision ResNet."
-                )
-        if not isinstance(name, str):
-            raise TypeError(f"`embedding_layer` must be a submodule name (str), got {type(name).__name__}.")
-        names = [n for n, _ in model.named_modules() if n]
-        if name not in names:
-            close = difflib.get_close_matches(name, names, n=5) or names[:10]
-            raise ValueError(
-                f"`embedding_layer={name!r}`: {type(model).__name__} has no submodule of that name. "
-                f"Pick the layer whose output is the penultimate representation; candidates: {close}."
-            )
-        return name
-
     @staticmethod
     def _check_grid(grid: dict[str, Sequence[float]]) -> dict[str, list]:
         if not isinstance(grid, dict) or not set(grid) <= set(DEFAULT_TUNE_GRID):
@@ -305,20 +253,8 @@ class ResMem(ClassifierModule):
         return self._with_embedding(lambda: self.model(x))
 
     def _with_embedding(self, forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        layer = self.model.get_submodule(self.embedding_layer)
-        with _Capture(layer) as captured:
-            outputs = forward()
-        if not isinstance(captured.output, torch.Tensor):
-            raise ValueError(
-                f"`embedding_layer={self.embedding_layer!r}` ({type(layer).__name__}) did not produce a tensor in "
-                f"{type(self.model).__name__}'s forward (is it called there?). Pick a submodule that forward runs."
-            )
-        if captured.output.shape[0] != outputs.shape[0]:
-            raise ValueError(
-                f"`embedding_layer={self.embedding_layer!r}` outputs shape {tuple(captured.output.shape)}, not one "
-                f"row per example ({outputs.shape[0]}): pick a layer whose output is (batch, ...)."
-            )
-        emb = captured.output.flatten(1).float()
+        outputs, emb = forward_with_embedding(self.model, self.embedding_layer, None, lambda _: forward())
+        emb = emb.float()
         return outputs, F.normalize(emb, dim=1) if self.normalize else emb
 
     def _flat_outputs(self, outputs: torch.Tensor) -> torch.Tensor:
@@ -354,31 +290,18 @@ class ResMem(ClassifierModule):
         Returns:
             ``(embeddings (N, dim), outputs (N, C), targets (N, C))`` with one-hot or soft targets for classification.
         """
-        collate = None
-        if isinstance(data, DataLoader):
-            data, collate = data.dataset, data.collate_fn
-        if isinstance(data, IterableDataset) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
-            raise TypeError(f"ResMem needs a map-style dataset (indexable, with a length), got {type(data).__name__}.")
-        world, rank = _world()
-        n = len(data)
-        if n < world:
-            raise ValueError(f"The dataset has {n} examples, fewer than the {world} processes that share it.")
-        loader = DataLoader(
-            Subset(data, range(rank, n, world)), batch_size=batch_size or self.memory_batch_size, shuffle=False, collate_fn=collate
-        )
         was_training = self.model.training
         self.model.eval()
-        parts: list[list[torch.Tensor]] = [[], [], []]
+
+        def one_batch(batch: Any) -> tuple[torch.Tensor, ...]:
+            x, y = move_data_to_device((batch[0], batch[1]), self.device)
+            outputs, emb = self._forward_with_embedding(x)
+            return emb, self._flat_outputs(outputs), self._memory_targets(y, outputs)
+
         try:
-            for batch in loader:
-                x, y = move_data_to_device((batch[0], batch[1]), self.device)
-                outputs, emb = self._forward_with_embedding(x)
-                for store, value in zip(parts, (emb, self._flat_outputs(outputs), self._memory_targets(y, outputs))):
-                    store.append(value)
+            return map_in_order(data, one_batch, batch_size or self.memory_batch_size)
         finally:
             self.model.train(was_training)
-        local = [torch.cat(p) for p in parts]
-        return tuple(_gather_in_order(t, n, world) for t in local) if world > 1 else tuple(local)
 
     # -- the memory ------------------------------------------------------------------------------------------------
     @property
@@ -504,7 +427,7 @@ class ResMem(ClassifierModule):
                     best = results[-1]
         assert best is not None
         choice = [best]
-        if _world()[0] > 1:  # identical inputs give identical choices; rank 0's is authoritative all the same
+        if world()[0] > 1:  # identical inputs give identical choices; rank 0's is authoritative all the same
             dist.broadcast_object_list(choice, src=0)
         best = choice[0]
         self.k, self.sigma, self.temperature = best["k"], best["sigma"], best["temperature"]
@@ -580,13 +503,13 @@ class ResMem(ClassifierModule):
     def on_test_start(self) -> None:
         self._warn_without_memory()
 
-    def _evaluate(self, batch: Any, stage: str) -> None:
+    def evaluate(self, batch: Any, stage: str) -> None:
         # one forward gives the base model's outputs and the embedding; metrics accumulate and are logged once per
         # epoch, as ClassifierModule does
         x, y = batch[0], batch[1]
         outputs, emb = self._forward_with_embedding(x)
         if self.task == "classification":
-            self._update_eval_metrics(outputs, y, stage)
+            self.update_eval_metrics(outputs, y, stage)
             if self.has_memory:
                 getattr(self, f"{stage}_resmem_acc").update(self._combine(outputs, emb), hard_targets(y))
             return
@@ -595,9 +518,9 @@ class ResMem(ClassifierModule):
         if self.has_memory:
             getattr(self, f"{stage}_resmem_mse").update(self._combine(outputs, emb), targets)
 
-    def _epoch_metrics(self, stage: str) -> list[str]:
+    def epoch_metrics(self, stage: str) -> list[str]:
         names = ("resmem_acc",) if self.task == "classification" else ("mse", "resmem_mse")
-        return super()._epoch_metrics(stage) + [f"{stage}_{name}" for name in names]
+        return super().epoch_metrics(stage) + [f"{stage}_{name}" for name in names]
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
