@@ -20,6 +20,7 @@ _EXPORTS = {
     "CounterexampleDataModule": ".private_features",
     "PretrainedFeaturesDataModule": ".private_features",
     "SemiSupervisedDataModule": ".semi_supervised",
+    "LongTailedDataModule": ".long_tailed",
 }
 
 __all__ = sorted(_EXPORTS)

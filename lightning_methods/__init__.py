@@ -20,6 +20,9 @@ _EXPORTS = {
     "exaggeration_slope": ".distillation_diagnostics",
     "MixupConsistencyModule": ".mixup_consistency",
     "ResMem": ".resmem",
+    "RobustClassifierModule": ".robust_distillation",
+    "RobustDistillationModule": ".robust_distillation",
+    "robust_distillation": ".robust_distillation",
 }
 
 __all__ = sorted(_EXPORTS)
