@@ -630,6 +630,9 @@ class RobustDistillationModule(_ClassRobust, DistillationModule):
       on the balanced validation split when ``fit`` starts, identically on every rank: the teacher's balanced
       posterior calibrated per class, moved back to the training distribution by Bayes' rule. This undoes the
       *double correction* of a balanced / DRO teacher feeding a robust student (each re-weights the tail once).
+      Distil a calibrated teacher at ``temperature=1``: ``T`` is already fitted, and a distillation temperature on top
+      spreads probability onto the tail classes that ``w / pi`` then multiplies (measured: balanced accuracy 0.74 at
+      ``tau = 1`` vs 0.16 at ``tau = 3`` on long-tailed digits, rho = 100).
 
     Logs what :class:`DistillationModule` logs with evaluation through ``WorstClassAccuracy`` (``{stage}_acc``,
     ``{stage}_balanced_acc``, ``{stage}_worst_class_acc``, ``{stage}_bottom_k_acc``), plus ``class_multiplier_{c}``
