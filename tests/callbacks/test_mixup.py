@@ -597,3 +597,20 @@ def test_cutmix_training_fits_the_area_weighted_targets():
     err_plain = area_error(train([]))
     err_cut = area_error(train([MixupCallback(cutmix_alpha=1.0, switch_prob=1.0, seed=0)]))
     assert err_cut < 0.75 * err_plain, (err_cut, err_plain)  # measured 0.29 vs 0.48 (seeds 0-3: ratio 0.52-0.61)
+
+
+@pytest.mark.slow
+def test_cutmix_config_runs_through_the_cli(tmp_path, monkeypatch):
+    """configs/mixup/cutmix.yaml through the real CLI: the callback gets timm's settings and cuts ~40% of examples."""
+    from tests.helpers import run_cli
+    from tests.test_configs import FAST, ROOT
+
+    monkeypatch.chdir(tmp_path)
+    cli = run_cli("fit", "--config", str(ROOT / "configs/mixup/cutmix.yaml"), *FAST, "--trainer.limit_train_batches=4",
+                  "--test_after_fit=false", f"--trainer.default_root_dir={tmp_path}")  # test would reset the metrics
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, MixupCallback)]
+    assert (cb.alpha, cb.cutmix_alpha, cb.switch_prob, cb.prob, cb.off_epoch, cb.label_smoothing) == (0.8, 1.0, 0.5, 0.8, 12, 0.1)
+    metrics = cli.trainer.callback_metrics
+    assert 0.2 < float(metrics["mixup/cut_fraction"]) < 0.6  # 0.8 * 0.5 in expectation, 256 examples
+    assert 0.6 < float(metrics["mixup/lam_max"]) < 1.0 and "val_acc" in metrics
+    assert cb.num_mixed_batches == 4
