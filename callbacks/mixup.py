@@ -197,8 +197,8 @@ class MixupCallback(Callback):
         self.prob = float(prob)
         self.off_epoch = off_epoch
         self.label_smoothing = float(label_smoothing)
-        # anything beyond plain k-point mixup goes through _mix_switched; plain mixup keeps its short hot path
-        self._switched = self.cutmix_alpha > 0 or self.prob < 1 or self.label_smoothing > 0
+        # CutMix and prob go through _mix_switched; plain mixup (with or without smoothing) keeps its short hot path
+        self._switched = self.cutmix_alpha > 0 or self.prob < 1
         self._resolved_seed: int | None = seed
         # the key predates CutMix & co.: unchanged, so checkpoints written before them still resume
         self._state_key = self._generate_state_key(alpha=self.alpha, num_points=num_points, per_sample=per_sample)
@@ -276,13 +276,14 @@ class MixupCallback(Callback):
         lam, index = self._sampler(x.shape[0])
         if x.device.type != "cpu":
             lam, index = lam.to(x.device, non_blocking=True), index.to(x.device, non_blocking=True)
-        batch[self.target_key] = mix_targets(y, lam, index, self._classes)
+        targets = mix_targets(y, lam, index, self._classes)
+        batch[self.target_key] = smooth_targets(targets, self.label_smoothing) if self.label_smoothing else targets
         batch[self.input_key] = mix(x, lam if x.dtype == lam.dtype else lam.to(x.dtype), index)
         self.num_mixed_batches += 1
         self._last = (lam, index)
 
     def _mix_switched(self, batch: Any) -> None:
-        """Mixing with CutMix, prob or label smoothing, or no mixing (from off_epoch on): timm's Mixup semantics."""
+        """Mixing with CutMix or prob, or no mixing (from off_epoch on): timm's Mixup semantics."""
         x, y = batch[self.input_key], batch[self.target_key]
         if not self._mixing:
             batch[self.target_key] = smooth_targets(soft_targets(y, self._classes), self.label_smoothing)

@@ -298,11 +298,9 @@ def cutmix_box(height: int, width: int, lam: Any, center_y: Any, center_x: Any) 
     cut_w = (width * ratio).astype(np.int64)
     cy = np.atleast_1d(np.asarray(center_y, dtype=np.int64))
     cx = np.atleast_1d(np.asarray(center_x, dtype=np.int64))
-    top = np.clip(cy - cut_h // 2, 0, height)
-    bottom = np.clip(cy + (cut_h + 1) // 2, 0, height)
-    left = np.clip(cx - cut_w // 2, 0, width)
-    right = np.clip(cx + (cut_w + 1) // 2, 0, width)
-    return np.stack(np.broadcast_arrays(top, bottom, left, right), axis=1)
+    edges = (cy - cut_h // 2, cy + (cut_h + 1) // 2, cx - cut_w // 2, cx + (cut_w + 1) // 2)
+    boxes = np.stack(np.broadcast_arrays(*edges), axis=1)
+    return np.clip(boxes, 0, np.array([height, height, width, width]), out=boxes)
 
 
 def box_lam(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -394,23 +392,26 @@ def mix_inputs(
         return mix(tensor, lam, index)
     if index.shape[1] != 2:
         raise ValueError(f"CutMix mixes two images; got {index.shape[1]}-point partners. Use num_points=2 with CutMix.")
-    partner = tensor.index_select(0, index[:, 1])
     if cut.shape[0] == 1:  # one box for the whole batch: copy the partners' box region into a copy of the batch
         top, bottom, left, right = (int(v) for v in boxes[0].tolist())
         out = tensor.clone()
-        out[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+        out[..., top:bottom, left:right] = tensor[..., top:bottom, left:right].index_select(0, index[:, 1])
         return out
-    # per example: a per-pixel weight of the example itself (0 in its box if cut, lam_0 everywhere if blended), one
-    # lerp for the whole batch; lerp(a, b, 1) = b and lerp(a, b, 0) = a exactly, so cut pixels are copied unchanged
+    partner = tensor.index_select(0, index[:, 1])
+    # per example: a per-pixel weight of the example itself (0 in its box if cut, 1 elsewhere; lam_0 everywhere if
+    # blended), built as own - [row in box] * [column in box] by broadcasting, then one lerp for the whole batch.
+    # All values are exact (1 - 1 = 0, lam_0 - 0 = lam_0), and lerp(a, b, 1) = b, lerp(a, b, 0) = a exactly, so cut
+    # pixels are copied unchanged. Several times cheaper than a boolean mask and torch.where (measured on CPU).
     height, width = tensor.shape[-2:]
-    boxes = boxes.to(tensor.device)
-    rows = torch.arange(height, device=tensor.device)
-    cols = torch.arange(width, device=tensor.device)
-    in_rows = (rows >= boxes[:, 0:1]) & (rows < boxes[:, 1:2])
-    in_cols = (cols >= boxes[:, 2:3]) & (cols < boxes[:, 3:4])
-    outside = ~(in_rows[:, :, None] & in_cols[:, None, :])
-    lam0 = lam[:, 0].to(tensor.dtype).reshape(-1, 1, 1)
-    weight = torch.where(cut.to(tensor.device).reshape(-1, 1, 1), outside.to(tensor.dtype), lam0)
+    device, dtype = tensor.device, tensor.dtype
+    boxes = boxes.to(device)
+    cut_dev = cut.to(device)
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    in_rows = ((rows >= boxes[:, 0:1]) & (rows < boxes[:, 1:2]) & cut_dev[:, None]).to(dtype)  # 0 for blended rows
+    in_cols = ((cols >= boxes[:, 2:3]) & (cols < boxes[:, 3:4])).to(dtype)
+    own = lam[:, 0].to(dtype).masked_fill(cut_dev, 1.0)
+    weight = own.reshape(-1, 1, 1) - in_rows.unsqueeze(2) * in_cols.unsqueeze(1)  # (addcmul: 2x slower on CPU)
     weight = weight.reshape((tensor.shape[0],) + (1,) * (tensor.ndim - 3) + (height, width))
     return torch.lerp(partner, tensor, weight)
 

@@ -111,6 +111,15 @@ def _fit(module, data, callbacks, **trainer_kwargs):
     return trainer
 
 
+def test_callbacks_mixup_reexports_the_core_math():
+    """The math lives once, in lightning_methods.mixup; callbacks.mixup's old names are the same objects."""
+    import callbacks.mixup
+    import lightning_methods.mixup
+
+    for name in ("MixingSampler", "mixup", "sample_mixing", "mix", "mix_targets", "_finite_batches"):
+        assert getattr(callbacks.mixup, name) is getattr(lightning_methods.mixup, name), name
+
+
 # -- the math, by hand -------------------------------------------------------------------------------------------------
 def test_mix_golden_values():
     x = torch.tensor([[1.0], [2.0], [4.0]])
@@ -480,6 +489,17 @@ def test_cutmix_prob_and_smoothing_batches_are_hand_computed(per_sample):
     assert len(module.seen["train"]) == 16 and all(kinds.values()), kinds
     cut_fraction = float(trainer.callback_metrics["mixup/cut_fraction"])  # logged for the last epoch
     assert 0 <= cut_fraction <= 1 and float(trainer.callback_metrics["mixup/lam_max"]) > 0.5
+
+
+def test_label_smoothing_alone_smooths_the_mixed_targets():
+    data = TensorData(n=11, batch_size=4)
+    mixup_cb = MixupCallback(num_points=3, label_smoothing=0.2, seed=2)
+    original, draws, module = RecordOriginal(), RecordMixing(mixup_cb), UserModule()
+    _fit(module, data, [original, mixup_cb, draws], limit_val_batches=0)
+    for (x, y), (lam, index), (_, y_mix) in zip(original.batches, draws.draws, module.seen["train"]):
+        expected = mix_targets(y, lam, index, 3) * 0.8 + 0.2 / 3
+        torch.testing.assert_close(y_mix, expected)
+        assert float(y_mix.min()) >= 0.2 / 3 - 1e-6
 
 
 def _run_off(epochs, global_seed, ckpt=None, save=None, off_epoch=2):
