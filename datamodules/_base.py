@@ -69,8 +69,10 @@ class ArrayDataModule(pl.LightningDataModule):
     Args:
         batch_size: training batch size (per device under DDP).
         eval_batch_size: validation/test/predict batch size; defaults to ``batch_size``.
-        val_fraction: fraction of the training pool held out for validation.
-        test_fraction: fraction of the data held out for testing (ignored when the data has its own test set).
+        val_fraction: fraction of the whole data held out for validation (of the given training set when the data
+            comes with its own test set).
+        test_fraction: fraction of the whole data held out for testing (ignored when the data has its own test set).
+            What neither takes is the training split; a split that leaves a class without training rows is refused.
         seed: seed of the split.
         num_workers: DataLoader workers.
         shuffle: shuffle the training set each epoch (turn off for exact DDP-vs-single-process comparisons).
@@ -148,6 +150,14 @@ class ArrayDataModule(pl.LightningDataModule):
         return math.prod(self.input_shape)
 
     # -- splitting -------------------------------------------------------------------------------------------------
+    def _check_training_classes(self, y: np.ndarray, train: np.ndarray) -> None:
+        missing = sorted(set(np.unique(y).tolist()) - set(np.unique(y[train]).tolist()))
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}: `val_fraction={self.val_fraction}` and `test_fraction={self.test_fraction}` "
+                f"leave {len(train)} training rows and no training example of class(es) {missing}: lower them."
+            )
+
     @property
     def splits(self) -> Splits:
         """The train/val/test arrays as tensors (built on first access, identical on every rank)."""
@@ -166,6 +176,7 @@ class ArrayDataModule(pl.LightningDataModule):
                 splits = Splits(train=(x[train], y[train]), val=(x[val], y[val]), test=(x_test, y_test))
                 # indices of the test split refer to the separate test arrays
                 self.split_indices = {"train": train, "val": val, "test": np.arange(len(y_test))}
+            self._check_training_classes(y, train)
             splits = self.fit_transform(splits)
             self._splits = Splits(
                 {
