@@ -449,7 +449,8 @@ class DeferralCurve(_ScoredRows):
     Example::
 
         >>> metric = DeferralCurve(budgets=[0.5])
-        >>> # the first model is wrong exactly on the two highest-score examples, the second is always right
+        >>> # the first model is wrong exactly on the two highest-score examples, the second is always right:
+        >>> # accuracy 0.5, 0.75, 1, 1, 1 at j = 0..4, trapezoid area 0.875
         >>> metric.update(torch.tensor([0.9, 0.8, 0.2, 0.1]), torch.tensor([False, False, True, True]),
         ...               torch.ones(4, dtype=torch.bool))
         >>> {k: round(float(v), 4) for k, v in scalars(metric.compute()).items()}
