@@ -38,7 +38,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from transformers import AddedToken, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from datamodules._tokenizer import (
+from lightning_methods._tokenizer import (
     encode_prompts,
     load_tokenizer,
     pad_sequences,
@@ -251,7 +251,7 @@ class PauseTokenLM(pl.LightningModule):
     Example::
 
         >>> from transformers import GPT2Config
-        >>> from datamodules._tokenizer import char_tokenizer
+        >>> from lightning_methods._tokenizer import char_tokenizer
         >>> tok = char_tokenizer("0123456789+=")
         >>> lm = PauseTokenLM(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64), tok, num_pauses=4)
         >>> lm.pause_token_id == len(tok)  # one new token after the text vocabulary

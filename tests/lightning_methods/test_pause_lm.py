@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from datamodules import DigitsDataModule, SyntheticReasoningDataModule
-from datamodules._tokenizer import char_tokenizer, pad_sequences
+from lightning_methods._tokenizer import char_tokenizer, pad_sequences
 from lightning_methods import PauseTokenLM
 from lightning_methods.pause_lm import finetune_inputs, insert_pauses, pretrain_labels
 from tests.helpers import cpu_trainer, ddp_trainer
