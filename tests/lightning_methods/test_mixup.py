@@ -104,7 +104,7 @@ def test_per_example_cutmix_mixup_prob_and_smoothing_equal_timm_elem_mode(monkey
 
     # ours: the same uniforms and Beta draws through switch_mixing, timm's partner flip(0) as the index
     lam_mix = np.stack([beta_mix, 1 - beta_mix], 1).astype(np.float32)
-    stub = _StubRng(random=[u_switch, u_prob], beta=[beta_cut.astype(np.float32)], integers=[cy, cx])  # as timm's
+    stub = _StubRng(random=[u_switch, u_prob], beta=[beta_cut.astype(np.float32)], integers=[np.stack([cy, cx], 1)])
     lam, boxes, cut = switch_mixing(lam_mix, stub, (height, width), prob, 1.0, switch_prob)
     assert cut.tolist() == cut_rows.tolist()
     index = torch.stack([torch.arange(n), torch.arange(n).flip(0)], 1)
@@ -131,7 +131,7 @@ def test_per_batch_equal_timm_batch_mode(case, monkeypatch):
         monkeypatch, x, y, "batch", [u_prob, u_switch], [lam_raw], [cy, cx],
         mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.6, switch_prob=0.5, label_smoothing=0.1, num_classes=num_classes,
     )
-    stub = _StubRng(random=[np.array([u_switch]), np.array([u_prob])], beta=[np.array([lam_raw])], integers=[[cy], [cx]])
+    stub = _StubRng(random=[np.array([u_switch]), np.array([u_prob])], beta=[np.array([lam_raw])], integers=[np.array([[cy, cx]])])
     lam, boxes, cut = switch_mixing(np.array([[lam_raw, 1 - lam_raw]]), stub, (height, width), 0.6, 1.0, 0.5)
     assert bool(cut[0]) == (case == "cut")
     index = torch.stack([torch.arange(n), torch.arange(n).flip(0)], 1)
