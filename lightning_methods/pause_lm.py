@@ -570,6 +570,14 @@ class PauseTokenLM(pl.LightningModule):
             )
         elif self.mode == "pretrain" and getattr(datamodule, "max_length", None) is not None:
             needed, what = datamodule.max_length, f"sequences of {datamodule.max_length} tokens"
+            with_pauses = datamodule.max_length + round(self.pretrain_pause_fraction * datamodule.max_length)
+            if context is not None and needed <= context < with_pauses:
+                rank_zero_warn(
+                    f"PauseTokenLM: blocks of {needed} tokens plus {self.pretrain_pause_fraction:.0%} pauses need "
+                    f"{with_pauses} positions, more than the context of {context}: each block's overflow trains in an "
+                    "extra row (every token is still trained once, at extra compute). To pack with room for the "
+                    f"pauses, use blocks of at most {int(context / (1 + self.pretrain_pause_fraction))} tokens."
+                )
         if context is not None and needed is not None and needed > context:
             raise ValueError(
                 f"{what} need {needed} positions but the model's context is {context}: raise the config's "
