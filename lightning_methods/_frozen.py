@@ -94,7 +94,8 @@ class HoldsFrozenModels:
             super().__setattr__(name, value)
 
     def set_frozen(self, name: str, model: nn.Module | None, persistent: bool = False) -> None:
-        """Hold ``model`` frozen under ``name`` (None removes it), on the device of this module's parameters."""
+        """Hold ``model`` frozen under ``name`` (None removes it), on the device of this module's parameters (and in
+        their dtype when the module was cast away from the default dtype)."""
         models: dict[str, nn.Module] = self.__dict__.setdefault("_frozen_models", {})
         persistent_names: set[str] = self.__dict__.setdefault("_frozen_persistent", set())
         if model is None:
@@ -107,6 +108,11 @@ class HoldsFrozenModels:
             reference = next(iter(self.buffers()), None)  # type: ignore[attr-defined]
         if reference is not None:
             model.to(device=reference.device)
+            # a model set after the module was cast (a precision plugin's "64-true"/"bf16-true", `.double()`; e.g. a
+            # teacher swapped at an epoch start) must take that dtype too, or it fails on the cast inputs; a module
+            # still in the default dtype keeps a model the caller gave in another dtype on purpose
+            if reference.is_floating_point() and reference.dtype != torch.get_default_dtype():
+                model.to(dtype=reference.dtype)
         models[name] = model
         if persistent:
             persistent_names.add(name)

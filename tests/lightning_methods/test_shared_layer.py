@@ -124,6 +124,19 @@ def test_frozen_models_stay_out_of_parameters_optimizer_and_checkpoint_and_follo
     assert not torch.equal(other.teacher[0].weight, holder.teacher[0].weight)
 
 
+def test_a_frozen_model_set_after_a_cast_takes_the_modules_dtype():
+    # review: TeacherTrajectory swaps the teacher at epoch starts, after a "64-true"/"bf16-true" plugin cast the
+    # module, and the new float32 teacher then failed on the cast inputs (dtype mismatch)
+    holder = _Holder().double()
+    holder.teacher = nn.Linear(3, 2)
+    assert holder.teacher.weight.dtype == torch.float64
+    assert holder.teacher(torch.randn(4, 3, dtype=torch.float64)).dtype == torch.float64
+    # an uncast (default-dtype) module keeps a teacher the user deliberately gave in another dtype
+    plain = _Holder()
+    plain.teacher = nn.Linear(3, 2).to(torch.bfloat16)
+    assert plain.teacher.weight.dtype == torch.bfloat16
+
+
 class _Pickled:
     pass
 
