@@ -93,6 +93,22 @@ def test_named_layer_embedding_suggestions_and_errors():
 
 
 # -- frozen second models --------------------------------------------------------------------------------------------
+def test_a_layer_with_one_number_per_example_gives_a_one_column_embedding():
+    # review: a (batch,) layer output passed the row check and then failed in flatten(1) with an IndexError
+    class Scorer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.score, self.head = nn.Linear(3, 1), nn.Identity()
+
+        def forward(self, x):
+            return self.head(self.score(x).squeeze(1))[:, None]
+
+    x = torch.randn(4, 3)
+    model = Scorer()
+    _, emb = forward_with_embedding(model, "head", x)
+    assert emb.shape == (4, 1) and torch.allclose(emb[:, 0], model.score(x)[:, 0])
+
+
 class _Holder(HoldsFrozenModels, nn.Module):
     teacher = FrozenSlot()
     ema = FrozenSlot(persistent=True)
