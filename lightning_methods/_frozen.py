@@ -235,8 +235,19 @@ def load_backbone(
                 "lightning-methods CLI): pass the architecture too, e.g. `teacher=SmallCNN(num_classes=10)`."
             )
         backbone = _build_backbone(config)
+    candidates = [_backbone_state_dict(checkpoint)]
+    if "state_dict" not in checkpoint:  # a plain state dict may be a backbone whose own submodule is called `model`
+        candidates.append({k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)})
     try:
-        backbone.load_state_dict(_backbone_state_dict(checkpoint), strict=True)
+        first_error: RuntimeError | None = None
+        for state in candidates:
+            try:
+                backbone.load_state_dict(state, strict=True)  # a success overwrites every weight of the backbone
+                break
+            except RuntimeError as err:
+                first_error = first_error or err
+        else:
+            raise first_error  # type: ignore[misc]
     except RuntimeError as err:
         detail = str(err).split("\n\t", 1)[-1][:400]
         raise ValueError(

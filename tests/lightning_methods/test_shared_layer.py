@@ -153,6 +153,20 @@ def test_a_frozen_model_set_after_a_cast_takes_the_modules_dtype():
     assert plain.teacher.weight.dtype == torch.bfloat16
 
 
+def test_a_plain_state_dict_of_a_backbone_with_a_model_submodule_loads(tmp_path):
+    # review: the `model.` prefix of a ClassifierModule checkpoint was stripped from a plain state dict too, so a
+    # backbone with its own `model` submodule (HF's *ForSequenceClassification: model.*, score.*) never loaded
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.score = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    net = Net()
+    torch.save(net.state_dict(), tmp_path / "plain.pt")
+    loaded = load_backbone(tmp_path / "plain.pt", Net())
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
+
+
 class _Pickled:
     pass
 
