@@ -141,8 +141,8 @@ def test_frozen_models_stay_out_of_parameters_optimizer_and_checkpoint_and_follo
 
 
 def test_a_frozen_model_set_after_a_cast_takes_the_modules_dtype():
-    # review: TeacherTrajectory swaps the teacher at epoch starts, after a "64-true"/"bf16-true" plugin cast the
-    # module, and the new float32 teacher then failed on the cast inputs (dtype mismatch)
+    # review: a teacher assigned after a "64-true"/"bf16-true" plugin (or .double()) cast the module stayed float32
+    # and failed on the cast inputs (dtype mismatch)
     holder = _Holder().double()
     holder.teacher = nn.Linear(3, 2)
     assert holder.teacher.weight.dtype == torch.float64
