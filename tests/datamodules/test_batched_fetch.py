@@ -90,3 +90,15 @@ def test_a_dataset_subclass_overriding_getitem_keeps_its_own_examples():
     dm.train_dataset = Negated(dm.train_dataset.x, dm.train_dataset.y)
     x, _ = next(iter(dm.train_dataloader()))
     assert torch.equal(x, -dm.train_dataset.x[:8])
+
+
+def test_whole_split_passes_over_a_datamodules_loader_get_collated_batches():
+    # review: map_in_order (ResMem's build_memory/tune/embed, the distillation cache) took a loader's dataset and
+    # collate_fn but fetched example by example: with the batched view's pass-through collate, fn got a list of
+    # (x, y) pairs instead of [x, y], so `resmem.build_memory(dm.train_dataloader())` failed
+    from lightning_methods._distributed import map_in_order
+
+    dm = DigitsDataModule(batch_size=16, shuffle=False)
+    dm.setup("fit")
+    xs, ys = map_in_order(dm.val_dataloader(), lambda batch: (batch[0], batch[1]), batch_size=32)
+    assert torch.equal(xs, dm.val_dataset.x) and torch.equal(ys, dm.val_dataset.y)
