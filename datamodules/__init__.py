@@ -21,6 +21,7 @@ _EXPORTS = {
     "CounterexampleDataModule": ".private_features",
     "PretrainedFeaturesDataModule": ".private_features",
     "SemiSupervisedDataModule": ".semi_supervised",
+    "RetrievalDataModule": ".retrieval",
 }
 
 __all__ = sorted(_EXPORTS)
