@@ -344,7 +344,8 @@ class RetrievalDataModule(pl.LightningDataModule):
         corpus = [str(d["text"]) for d in docs]
         relevant: dict[str, list[int]] = {}
         for j in judgements:
-            if float(j.get("relevance", 1) or 0) <= 0:
+            relevance = j.get("relevance")  # a column missing from some rows reads as None there: relevant
+            if relevance is not None and float(relevance) <= 0:
                 continue
             doc = str(j["doc_id"])
             if doc not in doc_index:
