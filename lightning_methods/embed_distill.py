@@ -917,6 +917,10 @@ class EmbeddingDistillationModule(HoldsFrozenModels, pl.LightningModule):
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._eval_step(batch)
 
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """The student's query embeddings of a batch (``{"text": [...]}`` or a list of texts)."""
+        return self.student(batch["text"] if isinstance(batch, Mapping) else batch)
+
     def _corpus_embeddings(self) -> torch.Tensor:
         if self.setting == "asymmetric":
             return self._doc_table

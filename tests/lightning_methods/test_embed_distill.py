@@ -27,7 +27,7 @@ from lightning_methods.embed_distill import (
     retrieval_metrics,
     top_k_inner_product,
 )
-from tests.helpers import cpu_trainer, ddp_trainer, run_cli
+from tests.helpers import cpu_trainer, ddp_trainer, load_benchmark, run_cli
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "embed_distill"
 
@@ -297,6 +297,8 @@ def test_fit_logs_losses_and_whole_corpus_metrics(tok, tmp_path, setting):
     expected = retrieval_metrics(m.encode_queries(dm.queries("val")), docs, dm.qrels("val"), [1, 5])
     torch.testing.assert_close(logged["val_mrr@10"], expected["mrr@10"])
     assert list(tmp_path.glob("*/*.pt")), "teacher embeddings were cached under the datamodule's cache_dir"
+    predicted = torch.cat(trainer.predict(m, dm))  # the test queries' student embeddings
+    torch.testing.assert_close(predicted, m.encode_queries(dm.queries("test")))
 
 
 def test_projection_saved_and_restored_without_the_teacher(tok, tmp_path):
@@ -408,3 +410,12 @@ def test_configs_run_through_the_cli(config, tmp_path, monkeypatch):
     st = SentenceTransformer(str(export), device="cpu")
     torch.testing.assert_close(torch.as_tensor(st.encode(["a query"])), cli.model.encode_queries(["a query"]),
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_benchmark_quick_mode_writes_its_table(tmp_path):
+    results = load_benchmark("embed_distill").main(["--quick", "--out", str(tmp_path / "embed_distill.md")])
+    text = (tmp_path / "embed_distill.md").read_text()
+    assert "% teacher MRR@10" in text and "embedding matching + query generation" in text
+    assert len(results["arms"]) == 8 and results["speed"]["student_qps"] > 0
+    assert (tmp_path / "embed_distill.json").is_file()
