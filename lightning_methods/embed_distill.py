@@ -281,7 +281,11 @@ class SentenceEncoder(nn.Module):
         ``SentenceTransformer(directory).encode(texts)`` reproduces :meth:`encode`.
         """
         from sentence_transformers import SentenceTransformer
-        from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+
+        try:  # sentence-transformers >= 5.x; `models` still works there, with a deprecation warning
+            from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+        except ImportError:  # pragma: no cover - older releases
+            from sentence_transformers.models import Dense, Normalize, Pooling, Transformer
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
