@@ -529,7 +529,9 @@ class EmbeddingCache:
             size, _ = world()
             if len(items) < size:  # too few to share: every rank computes them (the same rows)
                 return encoder.encode(items, batch_size).float().cpu()
-            return map_in_order(items, lambda b: encoder.encode(b, batch_size).float().cpu(), batch_size, collate_fn=list)
+            # gathered on the encoder's device (NCCL gathers only GPU tensors), then kept on the CPU
+            rows = map_in_order(items, lambda b: encoder.encode(b, batch_size).float(), batch_size, collate_fn=list)
+            return rows.cpu()
 
         if self.cache_dir is None:
             return compute(texts) if texts else torch.empty(0, encoder.dim)
