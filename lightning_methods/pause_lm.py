@@ -332,7 +332,10 @@ class PauseTokenLM(pl.LightningModule):
         seed: seed of the pause positions; each (rank, step, batch) draws from its own stream, so runs and resumed
             runs insert the same pauses.
         model_kwargs: keyword arguments of ``from_pretrained`` when ``model`` is a directory (``dtype``,
-            ``attn_implementation``, ``trust_remote_code``, ...). The weights train in the dtype they are loaded in:
+            ``attn_implementation``, ``trust_remote_code``, ...); with a config or a checkpoint, those of them that
+            shape the model built here (``dtype``, ``attn_implementation``, ``trust_remote_code``) go to
+            ``from_config``; a model object is used as it is (``model_kwargs`` with one is an error). The weights train
+            in the dtype they are loaded in:
             a bfloat16 release loaded as is trains in pure bfloat16 (no float32 master weights; ``fit`` says so);
             ``model_kwargs={"dtype": "float32"}`` with ``precision="bf16-mixed"`` is mixed precision.
         peft_config: train adapters instead of the whole model: a ``peft.LoraConfig`` (or its dict, as in a YAML
@@ -451,6 +454,13 @@ class PauseTokenLM(pl.LightningModule):
                 hf_model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
                 has_tok = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
                 return hf_model, (load_tokenizer(str(path)) if has_tok else None)
+            if path.is_dir() and (path / "adapter_config.json").is_file():
+                raise ValueError(
+                    f"`model={str(model)!r}` is a PEFT adapter directory (save_pretrained with `peft_config`), not a "
+                    "whole model: start the next stage from the Lightning checkpoint of that run (its adapters are "
+                    "merged), or merge them yourself (PeftModel.from_pretrained(base, dir).merge_and_unload()) and "
+                    "pass the merged model."
+                )
             raise ValueError(
                 f"`model={str(model)!r}` is neither a PauseTokenLM checkpoint file nor a Hugging Face model directory "
                 "(with config.json). Nothing is downloaded: give a local path, a model or a config."

@@ -522,6 +522,9 @@ def test_lora_adapters_train_only_the_pause_row_of_the_embeddings_and_reload(tok
     # a new stage from the LoRA checkpoint starts from the merged weights
     merged = PauseTokenLM(model=str(tmp_path / "lora.ckpt"), num_pauses=3)
     assert merged.generate(["12+3="], max_new_tokens=4) == lm.generate(["12+3="], max_new_tokens=4)
+    lm.save_pretrained(tmp_path / "adapters")  # PEFT's adapter directory: not a model to start a stage from
+    with pytest.raises(ValueError, match="PEFT adapter directory"):
+        PauseTokenLM(model=str(tmp_path / "adapters"), num_pauses=3)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
