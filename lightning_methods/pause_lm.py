@@ -386,6 +386,10 @@ class PauseTokenLM(pl.LightningModule):
         super().__init__()
         if model_kwargs is not None and not isinstance(model_kwargs, dict):
             raise TypeError(f"`model_kwargs` must be a dict of from_pretrained arguments, got {type(model_kwargs).__name__}.")
+        if model_kwargs is not None:
+            # dtypes by name (from_pretrained and from_config take both): the options stay plain data, so they are
+            # saved as hyperparameters and load_from_checkpoint rebuilds the model with them (attention kernel...)
+            model_kwargs = {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v for k, v in model_kwargs.items()}
         if mode not in ("pretrain", "finetune"):
             raise ValueError(f"`mode` must be 'pretrain' or 'finetune', got {mode!r}.")
         if isinstance(pretrain_pause_fraction, bool) or not 0.0 <= float(pretrain_pause_fraction) < 1.0:

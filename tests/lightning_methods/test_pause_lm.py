@@ -635,7 +635,9 @@ def test_model_kwargs_with_configs_checkpoints_and_model_objects(tok, tmp_path):
     trainer = cpu_trainer(max_steps=1, limit_val_batches=0, precision="bf16-true")
     trainer.fit(lm, SyntheticReasoningDataModule(num_train=16, num_val=16, num_test=16, batch_size=16))
     trainer.save_checkpoint(tmp_path / "bf16.ckpt")
-    assert next(PauseTokenLM.load_from_checkpoint(tmp_path / "bf16.ckpt").model.parameters()).dtype == torch.bfloat16
+    loaded = PauseTokenLM.load_from_checkpoint(tmp_path / "bf16.ckpt")
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    assert loaded.model.config._attn_implementation == "eager"  # before: the options (a torch dtype) were not saved
     stage = PauseTokenLM(model=str(tmp_path / "bf16.ckpt"), model_kwargs={"torch_dtype": "float32"})
     assert next(stage.model.parameters()).dtype == torch.float32  # before: the option was ignored
     with pytest.raises(ValueError, match="model directory"):  # a from_pretrained-only option with a config
