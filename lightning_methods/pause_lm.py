@@ -341,7 +341,7 @@ class PauseTokenLM(pl.LightningModule):
         peft_config: train adapters instead of the whole model: a ``peft.LoraConfig`` (or its dict, as in a YAML
             config). The pause token is added to the base model first; then only the adapters and the pause
             token's embedding row train (PEFT's ``trainable_token_indices``: the other rows stay exactly as they
-            were). Checkpoints hold the adapters and the config, and ``load_from_checkpoint`` rebuilds them;
+            were; with the embedding in ``modules_to_save`` it trains whole instead). Checkpoints hold the adapters and the config, and ``load_from_checkpoint`` rebuilds them;
             :meth:`save_pretrained` writes a PEFT adapter directory.
 
     Note:
@@ -490,7 +490,16 @@ class PauseTokenLM(pl.LightningModule):
             from peft import get_peft_model
 
             config = copy.deepcopy(self.peft_config)
-            if self.uses_pauses:  # the new row trains, no other row does (beside rows the caller asked for)
+            embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+            # PEFT matches modules_to_save by name suffix; a saved embedding trains whole, the pause row included
+            saved = any(embedding == t or embedding.endswith("." + t) for t in (config.modules_to_save or []))
+            if saved and config.trainable_token_indices:
+                raise ValueError(
+                    f"`peft_config`: modules_to_save trains the whole input embedding ({embedding!r}) and "
+                    "trainable_token_indices trains some of its rows: PEFT cannot do both on one layer. Keep one: "
+                    "without modules_to_save, PauseTokenLM adds the pause row to trainable_token_indices."
+                )
+            if self.uses_pauses and not saved:  # the new row trains, no other row does (beside rows asked for)
                 config.trainable_token_indices = _with_pause_row(config.trainable_token_indices, self.pause_token_id)
             self.peft_config = config  # what the checkpoint records: the adapters exactly as built
             model = get_peft_model(model, config)

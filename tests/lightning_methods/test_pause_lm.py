@@ -644,3 +644,20 @@ def test_model_kwargs_with_configs_checkpoints_and_model_objects(tok, tmp_path):
         PauseTokenLM(gpt2_config(), tok, model_kwargs={"revision": "main"})
     with pytest.raises(ValueError, match="model object is used as it is"):
         PauseTokenLM(AutoModelForCausalLM.from_config(gpt2_config(vocab_size=len(tok))), tok, model_kwargs={"dtype": "float32"})
+
+
+def test_lora_with_the_embedding_in_modules_to_save(tok):
+    # the usual recipe when adding tokens; before, the pause row was also put in trainable_token_indices and the
+    # first training step failed inside PEFT ("TrainableTokensLayer wraps an unknown layer type")
+    from peft import LoraConfig
+
+    dm = SyntheticReasoningDataModule(num_train=16, num_val=16, num_test=16, batch_size=16)
+    base = AutoModelForCausalLM.from_config(qwen2_config(False, vocab_size=len(dm.tokenizer)))
+    lora = LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    lm = PauseTokenLM(base, dm.tokenizer, num_pauses=2, optimizer=adam(1e-2), peft_config=lora)
+    before = lm.model.get_input_embeddings()(torch.tensor([lm.pause_token_id])).detach().clone()
+    cpu_trainer(max_steps=1, limit_val_batches=0).fit(lm, dm)
+    assert not torch.allclose(lm.model.get_input_embeddings()(torch.tensor([lm.pause_token_id])), before)
+    both = LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"], trainable_token_indices=[3])
+    with pytest.raises(ValueError, match="modules_to_save trains the whole input embedding"):
+        PauseTokenLM(base, dm.tokenizer, num_pauses=2, peft_config=both)
