@@ -19,7 +19,7 @@ What it measures (all with :class:`lightning_methods.PauseTokenLM` and the Light
    Rows, targets and FLOPs are counted from the batches the model ran (see :func:`real_text` for why this packing
    is the fair one; ``--text-spill`` adds PausePT on full 64-token blocks, whose overflow spills into extra rows).
    Runs alone with ``--only text`` (14.2 min with ``--text-spill`` on our shared 2-core machine; the spill arm
-   is ~40% of that compute), replacing only that section of the results file.
+   runs 25,600 of its 52,544 training rows), replacing only that section of the results file.
 3. **Performance** (ratios, interleaved repeats in one run): generation time with M = 10 pauses vs none for 64-token
    answers; training tokens/s with and without pauses.
 
