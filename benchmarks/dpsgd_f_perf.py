@@ -117,7 +117,7 @@ def run(setting: str, steps: int, repeats: int, warmup: int) -> dict:
             else:
                 module = DPSGDFModule(
                     model, 10, target_epsilon=1e4, delta=1e-5, max_grad_norm=CLIP, noise_multiplier=NOISE,
-                    preprocess=arm.endswith("preprocess"), noise_seed=r, optimizer=sgd,
+                    preprocess=arm.endswith("preprocess"), optimizer=sgd,
                 )
                 times = lightning_loop(module, datamodule, steps)
             per_step[arm].append(_per_step(times, warmup))
