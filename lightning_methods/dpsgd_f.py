@@ -59,7 +59,7 @@ import inspect
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -69,7 +69,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.grad_sample import GradSampleModule
-from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.optimizers import (
+    DistributedDPOptimizer,
+    DistributedDPOptimizerFastGradientClipping,
+    DPOptimizer,
+    DPOptimizerFastGradientClipping,
+)
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -482,6 +487,39 @@ def check_private_layers(model: nn.Module, arg: str = "model") -> None:
         raise ValueError(f"`{arg}` has no trainable parameters: nothing for DP-SGD to train.")
 
 
+GradSampleMode = Literal["hooks", "ghost"]
+
+
+def check_ghost_layers(model: nn.Module, arg: str = "model") -> None:
+    """Refuse, for ``grad_sample_mode="ghost"``, layers Opacus' fast gradient clipping does not handle.
+
+    Opacus' ``GradSampleModuleFastGradientClipping`` computes per-example gradient *norms* without per-example
+    gradients for ``Linear`` and ``Embedding`` (ghost clipping) and from one layer's per-example gradients at a time
+    for the layers it has a grad sampler for (``Conv*``, ``LayerNorm``, ``GroupNorm``, ...). A layer with its own
+    parameters and neither (a custom layer, Opacus' DP RNNs) and parameters shared between layers (tying; Opacus
+    raises mid-training) are refused here, before training.
+    """
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
+
+    supported = set(GradSampleModuleFastGradientClipping.NORM_SAMPLERS) | set(GradSampleModuleFastGradientClipping.GRAD_SAMPLERS)
+    problems, owners = [], {}
+    for name, sub in model.named_modules():
+        own = [p for p in sub.parameters(recurse=False) if p.requires_grad]
+        if not own:
+            continue
+        if type(sub) not in supported:
+            problems.append(f"`{arg}.{name or '<root>'}` ({type(sub).__name__}): no ghost/fast-clipping rule in Opacus")
+        for p in own:
+            if id(p) in owners:
+                problems.append(f"`{arg}.{name}` shares a parameter with `{arg}.{owners[id(p)]}` (tied weights)")
+            owners[id(p)] = name
+    if problems:
+        raise ValueError(
+            "`grad_sample_mode='ghost'` cannot clip these layers:\n  " + "\n  ".join(problems)
+            + "\nUse `grad_sample_mode='hooks'` (per-example gradients through Opacus' GradSampleModule), which supports them."
+        )
+
+
 class DPSGDFModule(ClassifierModule):
     """Differentially private training with private feature preprocessing (DPSGD-F), or plain DP-SGD.
 
@@ -520,6 +558,14 @@ class DPSGDFModule(ClassifierModule):
             (``None``) all DP randomness comes from generators seeded from the OS' entropy pool at every ``fit``:
             ``seed_everything`` does not fix them and nothing saved (``state_dict``, checkpoint, hyperparameters,
             logs) regenerates them.
+        grad_sample_mode: how the clipped sum is computed, named as in Opacus: ``"hooks"`` (per-example gradients
+            from ``GradSampleModule``) or ``"ghost"`` (Opacus' fast gradient clipping: per-example gradient *norms*
+            without per-example gradients for Linear/Embedding layers, then a second backward on the loss rescaled by
+            the clipping factors; Li et al. 2022, Bu et al. 2023). Same clipping, noise, sampling and accounting.
+        max_physical_batch_size: process each Poisson batch in micro-batches of at most this many examples (like
+            Opacus' ``BatchMemoryManager``): the clipped per-example gradients are summed over the micro-batches and
+            one noisy step is taken per (logical) Poisson batch, so the privacy accounting is unchanged. ``None``:
+            the whole batch at once.
         log_train_metrics: log ``train_loss`` / ``train_acc`` / ``train_loss_step``. They are computed on the
             training batches without noise, so they are **outside the privacy guarantee**: off by default.
         optimizer: a callable building the optimizer from ``model``'s parameters (Opacus wraps it).
@@ -561,6 +607,8 @@ class DPSGDFModule(ClassifierModule):
         secure_mode: bool = False,
         insecure_debug_seed: int | None = None,
         log_train_metrics: bool = False,
+        grad_sample_mode: GradSampleMode = "hooks",
+        max_physical_batch_size: int | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         label_smoothing: float = 0.0,
@@ -584,7 +632,15 @@ class DPSGDFModule(ClassifierModule):
             raise TypeError(f"`feature_extractor` must be an nn.Module or None, got {type(feature_extractor).__name__}.")
         if insecure_debug_seed is not None and (isinstance(insecure_debug_seed, bool) or not isinstance(insecure_debug_seed, int)):
             raise TypeError(f"`insecure_debug_seed` must be an int or None, got {insecure_debug_seed!r}.")
+        if grad_sample_mode not in ("hooks", "ghost"):
+            raise ValueError(f"`grad_sample_mode` must be 'hooks' or 'ghost', got {grad_sample_mode!r}.")
+        if max_physical_batch_size is not None and (
+            isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int) or max_physical_batch_size < 1
+        ):
+            raise ValueError(f"`max_physical_batch_size` must be a positive integer or None, got {max_physical_batch_size!r}.")
         check_private_layers(model)
+        if grad_sample_mode == "ghost":
+            check_ghost_layers(model)
         save_hparams(self, inspect.currentframe())
         self.target_epsilon = float(target_epsilon)
         self.delta = float(delta)
@@ -598,6 +654,8 @@ class DPSGDFModule(ClassifierModule):
         self.secure_mode = bool(secure_mode)
         self.insecure_debug_seed = insecure_debug_seed
         self.log_train_metrics = bool(log_train_metrics)
+        self.grad_sample_mode = grad_sample_mode
+        self.max_physical_batch_size = max_physical_batch_size
         if feature_extractor is not None:
             feature_extractor.requires_grad_(False).eval()
         self.feature_extractor = feature_extractor
@@ -611,6 +669,7 @@ class DPSGDFModule(ClassifierModule):
         self._no_sync: Any = None
         self._allowed_steps: int | None = None
         self._noise_generator: torch.Generator | None = None
+        self._last_losses: torch.Tensor | None = None
         #: the last preprocessing releases (noisy clipped sum and noisy histogram): DP outputs, kept for inspection
         self.releases: dict[str, torch.Tensor] = {}
 
@@ -777,11 +836,25 @@ class DPSGDFModule(ClassifierModule):
         # the hooks are registered on `self.model`'s layers, so the state_dict keys stay those of the plain model;
         # the per-example loss is summed in `training_step`, hence loss_reduction="sum" here
         # plain attribute, not a registered submodule: its parameters are `self.model`'s, under other state_dict keys
-        object.__setattr__(self, "_grad_sample_module", GradSampleModule(self.model, loss_reduction="sum", strict=False))
+        if self.grad_sample_mode == "ghost":
+            from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
+                GradSampleModuleFastGradientClipping,
+            )
+
+            gsm = GradSampleModuleFastGradientClipping(
+                self.model, loss_reduction="sum", strict=False, max_grad_norm=self.max_grad_norm, use_ghost_clipping=True
+            )
+        else:
+            gsm = GradSampleModule(self.model, loss_reduction="sum", strict=False)
+        object.__setattr__(self, "_grad_sample_module", gsm)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.model.parameters())
-        cls = DistributedDPOptimizer if self._trainer is not None and self.trainer.world_size > 1 else DPOptimizer
+        distributed = self._trainer is not None and self.trainer.world_size > 1
+        if self.grad_sample_mode == "ghost":
+            cls = DistributedDPOptimizerFastGradientClipping if distributed else DPOptimizerFastGradientClipping
+        else:
+            cls = DistributedDPOptimizer if distributed else DPOptimizer
         # noise multiplier and expected batch size are set in on_train_start, once the Poisson loader exists
         dp_optimizer = cls(
             optimizer,
@@ -992,8 +1065,7 @@ class DPSGDFModule(ClassifierModule):
             return -1
         return None
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch[0], batch[1]
+    def _per_example_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = self(x)
         check_targets(logits, y)
         targets = y.to(logits.dtype) if y.ndim == 2 else y
@@ -1002,10 +1074,69 @@ class DPSGDFModule(ClassifierModule):
         if self.log_train_metrics and len(y):  # Poisson batches may be empty
             self.train_acc.update(logits.detach(), hard_targets(y))
             self.train_loss_mean.update(losses.detach().mean(), len(y))
-            if self.global_step % self.trainer.log_every_n_steps == 0:
-                self.log("train_loss_step", losses.detach().mean(), prog_bar=True)
+        return losses
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch[0], batch[1]
+        size = self.max_physical_batch_size
+        if size is not None and len(y) > size:
+            # BatchMemoryManager-style: every micro-batch but the last is clipped and summed into the optimizer's
+            # `summed_grad` by a *skipped* step (Opacus' signal_skip_step: no noise, no update, no ledger entry);
+            # the last one goes through Lightning's step, which adds the noise once for the whole Poisson batch
+            optimizer = self._dp_optimizer
+            assert optimizer is not None
+            # Lightning zeroes the gradients only after training_step: clear the previous step's clipped sum first
+            optimizer.zero_grad()
+            starts = list(range(0, len(y), size))
+            for start in starts[:-1]:
+                losses = self._per_example_losses(x[start : start + size], y[start : start + size])
+                self._clipped_backward(losses)
+                optimizer.signal_skip_step(do_skip=True)
+                optimizer.step()
+                optimizer.zero_grad()
+            x, y = x[starts[-1] :], y[starts[-1] :]
+        losses = self._per_example_losses(x, y)
+        if self.log_train_metrics and len(y) and self.global_step % self.trainer.log_every_n_steps == 0:
+            self.log("train_loss_step", losses.detach().mean(), prog_bar=True)
+        self._last_losses = losses
         # summed, so Opacus' hooks see each example's own gradient; DPOptimizer divides by the expected batch size
         return losses.sum()
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        if self.grad_sample_mode == "ghost":
+            assert self._last_losses is not None
+            self._clipped_backward(self._last_losses)
+            self._last_losses = None
+            return
+        super().backward(loss, *args, **kwargs)
+
+    def _clipped_backward(self, losses: torch.Tensor) -> None:
+        """Backward of one (micro-)batch: plain for hooks; for ghost, Opacus' two passes (norms, then rescaled loss).
+
+        The ghost passes are those of Opacus' ``DPTensorFastGradientClipping.backward``, written out because
+        Lightning's automatic optimisation owns the ``backward`` call: the first pass only feeds the norm hooks,
+        its (unclipped) gradients are dropped, and the second pass, with hooks off, leaves the sum of clipped
+        per-example gradients in ``.grad``, which ``DPOptimizerFastGradientClipping`` noises.
+        """
+        if self.grad_sample_mode != "ghost":
+            losses.sum().backward()
+            return
+        gsm = self._grad_sample_module
+        assert gsm is not None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        losses.sum().backward(retain_graph=True)
+        for p in params:
+            p.grad = None
+        if len(losses) == 0:  # an empty Poisson batch: a zero clipped sum (the noise is still added)
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            return
+        coefficients = gsm.get_clipping_coef().to(losses.device)
+        gsm.disable_hooks()
+        try:
+            (coefficients * losses).sum().backward()
+        finally:
+            gsm.enable_hooks()
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         dp_optimizer = self._dp_optimizer
