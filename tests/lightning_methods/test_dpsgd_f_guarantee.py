@@ -401,3 +401,15 @@ def test_noise_is_added_once_under_ddp():
     # noise added on both ranks would give sqrt(2) = 1.41 here; none would give 0
     assert abs(metrics["sgd_noise_std_ratio"] - 1) < _std_tolerance(int(draws)), metrics
     assert abs(metrics["mean_noise_std_ratio"] - 1) < _std_tolerance(D), metrics
+
+
+def test_dpsgd_f_does_not_import_callbacks_and_the_callback_is_the_same_class():
+    import subprocess
+    import sys
+
+    code = "import sys, lightning_methods.dpsgd_f; print(sorted(m for m in sys.modules if m.split('.')[0] in ('callbacks', 'datamodules')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out
+    from lightning_methods._privacy import PrivacyBudget as Core
+
+    assert PrivacyBudget is Core
