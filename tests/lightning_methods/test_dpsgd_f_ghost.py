@@ -160,3 +160,21 @@ def test_ghost_resume_continues_the_ledger(tmp_path):
     assert resumed.privacy_ledger.history == full.privacy_ledger.history and resumed.epsilon == full.epsilon <= 1.0
     ckpt = torch.load(tmp_path / "a" / "epoch=0.ckpt", weights_only=True)
     assert torch.equal(resumed.preprocessor.mean, ckpt["state_dict"]["preprocessor.mean"])  # restored, not refitted
+
+
+def test_ghost_with_micro_batches_takes_empty_poisson_batches():
+    sizes = []
+
+    class Sizes(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            sizes.append(len(batch[1]))
+
+    m = DPSGDFModule(MLP(in_features=8, num_classes=3, hidden_sizes=[4]), num_classes=3, target_epsilon=50.0,
+                     delta=1e-3, max_grad_norm=1.0, preprocess=False, noise_multiplier=1.0, grad_sample_mode="ghost",
+                     max_physical_batch_size=1, optimizer=SGD, insecure_debug_seed=0)
+    generator = torch.Generator().manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(100, 8, generator=generator), torch.randint(0, 3, (100,), generator=generator)),
+                        batch_size=1)  # q = 0.01: about a third of the batches are empty
+    cpu_trainer(max_steps=30, num_sanity_val_steps=0, callbacks=[Sizes()]).fit(m, train_dataloaders=loader)
+    assert 0 in sizes and max(sizes) > 1 and m.privacy_ledger.steps == 30
+    assert all(torch.isfinite(p).all() for p in m.model.parameters())
