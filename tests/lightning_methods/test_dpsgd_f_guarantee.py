@@ -403,6 +403,7 @@ def test_noise_is_added_once_under_ddp():
     assert abs(metrics["mean_noise_std_ratio"] - 1) < _std_tolerance(D), metrics
 
 
+@pytest.mark.slow  # a fresh interpreter importing lightning and opacus: ~10 s
 def test_dpsgd_f_does_not_import_callbacks_and_the_callback_is_the_same_class():
     import subprocess
     import sys
