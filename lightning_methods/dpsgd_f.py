@@ -44,6 +44,10 @@ Lightning integration (written against ``lightning.pytorch``, not ``opacus.light
   noise is added on rank 0 only, so replicas stay bit-identical; DDP's own (redundant) gradient all-reduce is
   switched off with ``no_sync``. The preprocessing noise is drawn on rank 0 and broadcast. The global expected
   batch is the same as on one device, so the epsilon is too.
+* ``grad_sample_mode="ghost"``: Opacus' fast gradient clipping (per-example gradient norms without per-example
+  gradients, then a second backward of the rescaled loss, run in ``LightningModule.backward``);
+  ``max_physical_batch_size``: each Poisson batch in micro-batches, one noisy step per logical batch (Opacus'
+  ``BatchMemoryManager`` mechanism: skipped steps accumulate the clipped sum). Same guarantee and accounting.
 * The accountant's history lives in the module's ``state_dict`` (``privacy_ledger._extra_state``): checkpoints
   carry it, a resumed run continues it, and the module never takes a step that would exceed ``target_epsilon``
   (:class:`callbacks.PrivacyBudget`, added automatically, stops training gracefully).
