@@ -297,6 +297,7 @@ class _ReplicaCheck(pl.Callback):
         pl_module.log("replica_max_abs_diff", diff)
 
 
+@pytest.mark.slow
 def test_ddp_keeps_replicas_identical_and_the_single_process_epsilon():
     runs = {}
     for name, make_trainer in (("ddp", ddp_trainer), ("single", cpu_trainer)):
@@ -323,6 +324,7 @@ def test_ddp_keeps_replicas_identical_and_the_single_process_epsilon():
 # ---------------------------------------------------------------------------------------------------------------
 # Frozen feature extractor
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_frozen_extractor_matches_precomputed_features():
     features = PretrainedFeaturesDataModule(batch_size=128)
     raw = PretrainedFeaturesDataModule(batch_size=128, raw=True)
