@@ -20,6 +20,7 @@ _EXPORTS = {
     "CounterexampleDataModule": ".private_features",
     "PretrainedFeaturesDataModule": ".private_features",
     "SemiSupervisedDataModule": ".semi_supervised",
+    "OODDataModule": ".ood",
 }
 
 __all__ = sorted(_EXPORTS)
