@@ -82,6 +82,9 @@ __all__ = [
     "plugin_score",
     "budget_threshold",
     "estimate_inlier_share",
+    "inlier_cdf",
+    "uniform_tilt",
+    "fit_tilt_slope",
     "density_ratio",
     "sirc_score",
     "msp_score",
@@ -95,7 +98,7 @@ __all__ = [
 ESTIMATORS = ("black_box", "loss_based", "msp", "max_logit", "energy", "sirc", "ood_score")
 #: built-in OOD scores (higher = more OOD); ``"pytorch_ood:<Name>"`` picks a detector of ``pytorch_ood.detector``
 OOD_SCORES = ("msp", "max_logit", "energy", "feature_norm", "mahalanobis")
-RATIO_CALIBRATIONS = ("inlier", "wild")
+RATIO_CALIBRATIONS = ("mixture", "inlier", "wild")
 THRESHOLD_SPLITS = ("test", "wild")
 _MAX_LOG_RHO = 600.0  # exp(600) is finite in float64: S stays finite (-> c_fn / (1 - pi_in)) for huge ratios
 _SLACK = 1e-7  # b * N in floating point: 0.29 * 100 = 28.999999999999996 must count as 29 (as metrics.py)
@@ -183,6 +186,52 @@ def estimate_inlier_share(rho: torch.Tensor, iters: int = 100) -> float:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if grad(mid) > 0 else (lo, mid)
     return 0.5 * (lo + hi)
+
+
+def inlier_cdf(scores: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``u = (#{ref < s} + #{ref <= s} + 1) / (2 (n + 1))``: where each score falls among ``n`` sorted inlier scores.
+
+    On inliers ``u`` is (nearly) uniform on (0, 1), whatever the score's scale or tails; a score above every inlier
+    gets ``u = 1 - 1 / (2 (n + 1))``.
+    """
+    ref = reference.double()
+    s = scores.double().contiguous()
+    below = torch.searchsorted(ref, s, right=False).double()
+    at_or_below = torch.searchsorted(ref, s, right=True).double()
+    return (below + at_or_below + 1) / (2 * (len(ref) + 1))
+
+
+def uniform_tilt(u: torch.Tensor, a: float) -> torch.Tensor:
+    """``rho(u) = a exp(a u) / (exp(a) - 1)``: an exponential tilt of the uniform, so ``E_U[rho] = 1`` exactly."""
+    u = u.double()
+    if a < 1e-8:
+        return torch.ones_like(u)
+    return a * torch.exp(a * (u - 1)) / -math.expm1(-a)
+
+
+def fit_tilt_slope(u_mix: torch.Tensor, n_reference: int, anchor: float = 0.5) -> tuple[float, float]:
+    """``(a, pi)``: the tilt slope and the mixture's inlier share, from a mixture's ``u`` (:func:`inlier_cdf`).
+
+    The OOD score of a mixture, mapped to its inlier CDF ``u``, has density ``pi + (1 - pi) rho(u)``: inliers are
+    uniform in ``u``, OOD inputs pile up towards 1. A parametric tilt alone does not identify ``pi`` (a flat tilt
+    with ``pi = 0`` can fit as well), so ``pi`` comes from an anchor set, as in mixture-proportion estimation: the
+    lower ``anchor`` fraction of inlier scores is assumed free of OOD inputs, ``pi = P_mix(u <= anchor) / anchor``
+    (capped at 1). The slope ``a`` of ``rho = uniform_tilt(u, a)`` then maximises the log-likelihood
+    ``sum_i log(pi + (1 - pi) rho(u_i))`` over a log grid from 0.1 to ``2 (n + 1)`` (beyond which the tilt's mass
+    lies above the largest inlier score). Needs inliers and an unlabelled mixture only.
+    """
+    u = u_mix.double()
+    share = min(1.0, float((u <= anchor).double().mean()) / anchor)
+    if share >= 1.0:
+        return 0.0, 1.0
+    top = math.log(2 * (n_reference + 1))
+    best = (0.0, -math.inf)
+    for i in range(41):
+        a = math.exp(math.log(0.1) + (top - math.log(0.1)) * i / 40)
+        loglik = float(torch.log(share + (1 - share) * uniform_tilt(u, a)).sum())
+        if loglik > best[1]:
+            best = (a, loglik)
+    return best[0], share
 
 
 def density_ratio(signal: torch.Tensor, a: float, b: float, pi_mix: float = 0.0) -> torch.Tensor:
@@ -306,8 +355,8 @@ def _fit_logistic_1d(s_pos: torch.Tensor, s_neg: torch.Tensor, iters: int = 50) 
 
 
 def _resize_buffers_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    """Let ``load_state_dict`` replace the Mahalanobis statistics whatever their size (empty included)."""
-    for name in ("maha_means", "maha_precision"):
+    """Let ``load_state_dict`` replace the Mahalanobis statistics and the ratio's reference scores whatever their size."""
+    for name in ("maha_means", "maha_precision", "ratio_reference"):
         value = state_dict.get(prefix + name)
         if value is not None:
             setattr(module, name, torch.empty_like(value, device=getattr(module, name).device))
@@ -347,13 +396,20 @@ class SelectiveOODModule(ClassifierModule):
         ood_score_kwargs: keyword arguments of a pytorch-ood detector.
         inlier_share: ``pi_in`` of the test mixture; ``None`` estimates it by maximum likelihood on the threshold
             split from the estimated density ratio (:func:`estimate_inlier_share`).
-        ratio_calibration: how ``black_box`` turns the OOD score ``s`` into ``rho = exp(a s + b)``: ``"inlier"``
-            (inlier data only, as the paper's black box): ``a = 1 / ood_temperature`` and ``b`` such that ``rho``
-            averages 1 over the held-out inliers (``E_in[rho] = 1`` for any ``P_out``); ``"wild"``: ``a, b`` from a
-            class-balanced logistic regression of wild-vs-held-out-inlier on ``s``, then ``pi_mix`` removed as in
-            the loss-based estimator (needs a wild set).
-        ood_temperature: ``T`` of ``ratio_calibration="inlier"``; 1 is the natural scale of scores that are
-            log-densities up to a constant (energy, Mahalanobis).
+        ratio_calibration: how ``black_box`` turns the OOD score ``s`` into a density ratio. ``"mixture"``
+            (default): ``s`` is mapped to its CDF ``u`` among the held-out inliers' scores (uniform on inliers,
+            whatever the score's scale and tails) and ``rho = a exp(a u) / (exp(a) - 1)`` (mean 1 on inliers), the
+            slope ``a`` fitted by maximum likelihood of the unlabelled threshold split as a mixture
+            ``pi + (1 - pi) rho(u)``, ``pi`` from the lower half of inlier scores taken as OOD-free
+            (:func:`fit_tilt_slope`; no OOD labels, no wild set). The others use
+            ``rho = exp(a s + b)``: ``"inlier"``
+            (inlier data only, as the paper's black box): ``a = 1 / (ood_temperature * std)`` with ``std`` the
+            score's standard deviation on the held-out inliers, and ``b`` such that ``rho`` averages 1 over them
+            (``E_in[rho] = 1`` holds for any ``P_out``; the slope is not identifiable from inliers, hence the
+            temperature); ``"wild"``: ``a, b`` from a class-balanced logistic regression of wild-vs-held-out-inlier
+            on ``s``, then ``pi_mix`` removed as in the loss-based estimator (needs a wild set).
+        ood_temperature: ``T`` of ``ratio_calibration="inlier"``, in units of the inlier standard deviation of the
+            OOD score: larger ``T`` flattens the ratio (more weight on the classifier's confidence).
         threshold_split: the unlabelled mixture the threshold (and an estimated ``inlier_share``) is computed on:
             ``"test"`` (the test inputs: the budget then holds exactly on them) or ``"wild"`` (the wild set stands
             for the test stream).
@@ -403,7 +459,7 @@ class SelectiveOODModule(ClassifierModule):
         ood_score: str = "energy",
         ood_score_kwargs: dict[str, Any] | None = None,
         inlier_share: float | None = None,
-        ratio_calibration: Literal["inlier", "wild"] = "inlier",
+        ratio_calibration: Literal["mixture", "inlier", "wild"] = "mixture",
         ood_temperature: float = 1.0,
         threshold_split: Literal["test", "wild"] = "test",
         embedding_layer: str | None = None,
@@ -444,6 +500,7 @@ class SelectiveOODModule(ClassifierModule):
         self._detector: Any = None
         self.register_buffer("maha_means", torch.empty(0))
         self.register_buffer("maha_precision", torch.empty(0))
+        self.register_buffer("ratio_reference", torch.empty(0))
         self.register_load_state_dict_pre_hook(_resize_buffers_hook)
         self._reset_calibration()
         self.seen_inliers = 0.0
@@ -615,6 +672,10 @@ class SelectiveOODModule(ClassifierModule):
 
     def rho(self, sig: dict[str, torch.Tensor]) -> torch.Tensor:
         """The estimated density ratio ``P_out / P_in`` of each input (``black_box`` / ``loss_based``)."""
+        if self.estimator == "black_box" and self.ratio_calibration == "mixture":
+            if self.ratio_reference.numel() == 0:
+                raise ValueError("The black-box density ratio is not calibrated: call `calibrate(...)` (fit does it).")
+            return uniform_tilt(inlier_cdf(sig["ood"], self.ratio_reference), self.ratio_a)
         signal = sig["wild_logit"] if self.estimator == "loss_based" else sig["ood"]
         return density_ratio(signal, self.ratio_a, self.ratio_b, self.pi_mix)
 
@@ -716,8 +777,13 @@ class SelectiveOODModule(ClassifierModule):
                     self.ratio_a, self.ratio_b = 1.0, math.log(self._odds_correction())
                     w = torch.exp(sig_h["wild_logit"].double() + self.ratio_b)
                     self.pi_mix = float(w.median().clamp(0.0, 0.999))
+                elif self.ratio_calibration == "mixture":  # the slope is fitted on the threshold split below
+                    self.ratio_reference = sig_h["ood"].float().sort().values
                 elif self.ratio_calibration == "inlier":
-                    self.ratio_a = 1.0 / self.ood_temperature
+                    # scale-free: s in units of its held-out inlier std (raw Mahalanobis / energy scores grow with
+                    # the embedding's width; their sample mean of exp(s) is dominated by the largest inlier score)
+                    std = float(sig_h["ood"].double().std().clamp_min(1e-12))
+                    self.ratio_a = 1.0 / (self.ood_temperature * std)
                     self.ratio_b = -_logmeanexp(self.ratio_a * sig_h["ood"])
                 else:
                     sig_w = self._signals_of(split("wild", wild))
@@ -726,6 +792,8 @@ class SelectiveOODModule(ClassifierModule):
                     self.pi_mix = float(w.median().clamp(0.0, 0.999))
             sig_t = self._signals_of(split(self.threshold_split, threshold_data))
             share = 1.0
+            if self.estimator == "black_box" and self.ratio_calibration == "mixture":
+                self.ratio_a, _ = fit_tilt_slope(inlier_cdf(sig_t["ood"], self.ratio_reference), len(self.ratio_reference))
             if self.uses_ratio:
                 share = self.inlier_share if self.inlier_share is not None else estimate_inlier_share(self.rho(sig_t))
                 # an estimate of 0 would make S = c_fn (constant); keep a sliver of inliers

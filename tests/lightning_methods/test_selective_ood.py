@@ -25,12 +25,15 @@ from lightning_methods.selective_ood import (
     energy_score,
     estimate_inlier_share,
     fit_mahalanobis,
+    fit_tilt_slope,
+    inlier_cdf,
     lagrangian_costs,
     mahalanobis_score,
     max_logit_score,
     msp_score,
     plugin_score,
     sirc_score,
+    uniform_tilt,
 )
 from tests.helpers import cpu_trainer, ddp_trainer, run_cli
 
@@ -111,6 +114,31 @@ def test_inlier_share_mle_recovers_the_mixture_share():
     rho = torch.exp(-0.5 * (x - 2.5) ** 2 + 0.5 * x**2)  # N(2.5, 1) / N(0, 1)
     assert abs(estimate_inlier_share(rho) - is_in.float().mean().item()) < 0.03
     assert estimate_inlier_share(torch.zeros(10)) == 1.0  # no row looks OOD
+
+
+def test_inlier_cdf_and_uniform_tilt():
+    ref = torch.tensor([1.0, 2.0, 3.0])
+    # (#below + #at-or-below + 1) / (2 (n + 1)): below all, tied with the middle, above all
+    torch.testing.assert_close(inlier_cdf(torch.tensor([0.0, 2.0, 9.0]), ref),
+                               torch.tensor([1 / 8, 4 / 8, 7 / 8], dtype=torch.float64))
+    u = (torch.arange(100000, dtype=torch.float64) + 0.5) / 100000
+    for a in (0.0, 0.5, 5.0, 50.0):
+        assert uniform_tilt(u, a).mean().item() == pytest.approx(1.0, rel=1e-3)  # E_in[rho] = 1
+    torch.testing.assert_close(uniform_tilt(torch.tensor([0.0, 1.0]), math.log(3.0)),
+                               torch.tensor([math.log(3.0) / 2, 3 * math.log(3.0) / 2], dtype=torch.float64))
+
+
+def test_tilt_fit_recovers_the_share_and_the_slope():
+    g = torch.Generator().manual_seed(6)
+    share, a = 0.7, 8.0
+    n = 6000
+    is_in = torch.rand(n, generator=g) < share
+    # OOD u drawn from the tilt itself (inverse CDF of a e^{au} / (e^a - 1)), inliers uniform
+    v = torch.rand(n, generator=g, dtype=torch.float64)
+    u = torch.where(is_in, torch.rand(n, generator=g, dtype=torch.float64), torch.log1p(v * math.expm1(a)) / a)
+    a_hat, share_hat = fit_tilt_slope(u, n_reference=10000)
+    assert share_hat == pytest.approx(is_in.float().mean().item(), abs=0.03)
+    assert a_hat == pytest.approx(a, rel=0.25)
 
 
 def test_density_ratio_hand_case():
@@ -197,6 +225,14 @@ def test_black_box_scores_calibrate(ood_score):
     assert 0 <= res["test_scod_auc_rc"] <= 1
 
 
+def test_inlier_calibration_averages_one_on_heldout_inliers():
+    dm = _gaussian(n=600)
+    module = _module(ood_score="energy", ratio_calibration="inlier")
+    cpu_trainer(max_epochs=1).fit(module, dm)
+    sig = module._signals_of(dm.dataset("val"))
+    assert module.rho(sig).mean().item() == pytest.approx(1.0, rel=1e-6)
+
+
 def test_wild_calibration_and_wild_threshold():
     dm = _gaussian(n=600)
     module = _module(ood_score="mahalanobis", ratio_calibration="wild", threshold_split="wild")
@@ -226,8 +262,11 @@ def test_thresholds_under_ddp_equal_one_process(tmp_path):
         module = _module(ood_score="mahalanobis")
         make().fit(module, dm)
         assert module.calibrated
-        results.append((module.calibration, module.maha_means.clone(), module.maha_precision.clone()))
-    (c1, m1, p1), (c2, m2, p2) = results
+        results.append((module.calibration, module.maha_means.clone(), module.maha_precision.clone(),
+                        module.ratio_reference.clone()))
+    (c1, m1, p1, r1), (c2, m2, p2, r2) = results
+    torch.testing.assert_close(r1, r2)
+    assert len(r1) == len(dm.dataset("val"))  # every held-out row exactly once
     for key in c1:
         assert c1[key] == pytest.approx(c2[key], rel=1e-5, abs=1e-6), key
     torch.testing.assert_close(m1, m2)
