@@ -877,6 +877,13 @@ class SelectiveOODModule(ClassifierModule):
         self._calibrate_after_fit()
 
     def _calibrate_after_fit(self) -> None:
+        dm = self._datamodule()
+        if dm is None or not callable(getattr(dm, "dataset", None)):
+            rank_zero_warn(
+                "SelectiveOODModule was fit without a datamodule that has `dataset(split)`: the rule is not calibrated. "
+                "Call `calibrate(train=..., heldout=..., threshold_data=...)` before predicting."
+            )
+            return
         self.calibrate()
         if self.save_path:
             self.trainer.save_checkpoint(self.save_path)
