@@ -505,6 +505,7 @@ class SelectiveOODModule(ClassifierModule):
         self._reset_calibration()
         self.seen_inliers = 0.0
         self.seen_wild = 0.0
+        self.odds_correction = 1.0
         self.set_rule(estimator=estimator, c_fn=c_fn, rejection_budget=rejection_budget, ood_score=ood_score,
                       inlier_share=inlier_share, _init=True)
         if self.estimator == "loss_based":
@@ -809,13 +810,17 @@ class SelectiveOODModule(ClassifierModule):
         return info
 
     def _odds_correction(self) -> float:
-        """``n_in / n_wild`` of the training batches, summed over ranks (1 for balanced batches)."""
+        """``n_in / n_wild`` of the training batches seen by this run, summed over ranks (1 for balanced batches).
+
+        Only the ratio matters, so the per-rank counts are not saved: a resumed run counts its own batches, and
+        a run without training steps keeps the ratio of the checkpoint it started from.
+        """
         counts = torch.tensor([self.seen_inliers, self.seen_wild], dtype=torch.float64, device=self.device)
         if world()[0] > 1:
             dist.all_reduce(counts)
-        if counts[1] <= 0:
-            return 1.0
-        return float(counts[0] / counts[1])
+        if counts[1] > 0:
+            self.odds_correction = float(counts[0] / counts[1])
+        return self.odds_correction
 
     @property
     def calibration(self) -> dict[str, float]:
@@ -963,12 +968,11 @@ class SelectiveOODModule(ClassifierModule):
             "calibrated": self.calibrated,
             **self.calibration,
             "inlier_share_used": self.inlier_share_used,
-            "seen_inliers": self.seen_inliers,
-            "seen_wild": self.seen_wild,
+            "odds_correction": self.odds_correction,
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.seen_inliers, self.seen_wild = float(state["seen_inliers"]), float(state["seen_wild"])
+        self.odds_correction = float(state["odds_correction"])
         rule = state["rule"]
         current = {"estimator": self.estimator, "c_fn": self.c_fn, "rejection_budget": self.rejection_budget,
                    "ood_score": self.ood_score, "inlier_share": self.inlier_share}

@@ -194,19 +194,24 @@ def test_loss_based_beats_msp_on_the_joint_risk():
     trainer = cpu_trainer(max_epochs=6)
     trainer.fit(module, dm)
     lb = trainer.test(module, dm, verbose=False)[0]
-    msp = trainer.test(module.set_rule(estimator="msp"), dm, verbose=False)[0]
+    module.set_rule(estimator="msp").calibrate(datamodule=dm)
+    msp = trainer.test(module, dm, verbose=False)[0]
     assert lb["test_scod_auc_rc"] < 0.6 * msp["test_scod_auc_rc"], (lb, msp)
     assert lb["test_scod_auroc"] > 0.9 > msp["test_scod_auroc"]
     # MSP is still the better inlier-only rejector (what Chow's rule is optimal for)
     assert msp["test_inlier_rc_aurc"] <= lb["test_inlier_rc_aurc"] + 0.01
 
 
-def test_loss_based_corrects_the_odds_of_unbalanced_batches():
+def test_loss_based_corrects_the_odds_of_unbalanced_batches(tmp_path):
     dm = _gaussian(wild_per_inlier=2)
-    module = _module("loss_based")
+    module = _module("loss_based", save_path=str(tmp_path / "lb.ckpt"))
     cpu_trainer(max_epochs=1).fit(module, dm)
     assert module.seen_wild == pytest.approx(2 * module.seen_inliers)
     assert module.calibration["ratio_b"] == pytest.approx(math.log(0.5))
+    # a checkpoint keeps the ratio: recalibrating without training steps does not fall back to balanced odds
+    loaded = SelectiveOODModule.load_from_checkpoint(tmp_path / "lb.ckpt", model=MLP(2, 3, hidden_sizes=[16]))
+    loaded.calibrate(datamodule=dm)
+    assert loaded.calibration["ratio_b"] == pytest.approx(math.log(0.5))
 
 
 @pytest.mark.parametrize("ood_score", ["mahalanobis", "feature_norm", "pytorch_ood:EnergyBased"])
@@ -283,7 +288,7 @@ def test_checkpoint_and_resume_keep_thresholds(tmp_path):
     # reload: threshold, pi_mix, inlier share and the odds counts come back without recalibrating
     loaded = SelectiveOODModule.load_from_checkpoint(tmp_path / "scod.ckpt", model=MLP(2, 3, hidden_sizes=[16]))
     assert loaded.calibrated and loaded.calibration == module.calibration
-    assert loaded.seen_inliers == module.seen_inliers
+    assert loaded.odds_correction == module.odds_correction == 1.0
     got = loaded.predict(x)
     assert torch.equal(got["abstain"], expected["abstain"])
     torch.testing.assert_close(got["score"], expected["score"])
@@ -291,10 +296,11 @@ def test_checkpoint_and_resume_keep_thresholds(tmp_path):
     fresh = _module("loss_based")
     cpu_trainer().test(fresh, dm, ckpt_path=str(tmp_path / "scod.ckpt"), verbose=False)
     assert fresh.calibration == module.calibration
-    # resuming training carries the batch counts on (the odds correction spans the whole run)
+    # resuming restores the weights and the calibration, trains on and recalibrates
     resumed = _module("loss_based")
     cpu_trainer(max_epochs=3).fit(resumed, dm, ckpt_path=str(tmp_path / "scod.ckpt"))
-    assert resumed.seen_inliers == pytest.approx(module.seen_inliers * 1.5)
+    assert resumed.seen_inliers == pytest.approx(module.seen_inliers / 2)  # the third epoch's batches
+    assert resumed.calibrated and resumed.calibration != module.calibration
 
 
 def test_checkpoint_for_another_rule_is_not_applied(tmp_path):
