@@ -379,6 +379,8 @@ class SelectiveOODModule(ClassifierModule):
     ``test_scod_fpr@95tpr`` (:class:`~lightning_methods.metrics.SCODRisk` of the score), ``test_inlier_rc_aurc``
     (:class:`~lightning_methods.metrics.RiskCoverage` on the inliers), and the decisions at the calibrated
     threshold: ``test_rejection_rate`` (on the mixture) and ``test_risk`` (SCOD risk of what was accepted).
+    The curves (SCOD risk against the rejection rate, inlier risk against coverage) of the last epoch are kept in
+    ``curves["test"]`` for :func:`lightning_methods.metrics.plot_curve`.
     ``predict_step`` returns ``{"pred": class, "abstain": bool, "score": float}`` per input.
 
     Args:
@@ -506,6 +508,8 @@ class SelectiveOODModule(ClassifierModule):
         self.seen_inliers = 0.0
         self.seen_wild = 0.0
         self.odds_correction = 1.0
+        #: the last evaluation's curves per stage (``metrics.plot_curve(c["rejection_rate"], c["risk"], path)``)
+        self.curves: dict[str, dict[str, torch.Tensor]] = {}
         self.set_rule(estimator=estimator, c_fn=c_fn, rejection_budget=rejection_budget, ood_score=ood_score,
                       inlier_share=inlier_share, _init=True)
         if self.estimator == "loss_based":
@@ -926,8 +930,14 @@ class SelectiveOODModule(ClassifierModule):
         getattr(self, f"{stage}_accepted").update(accepted.float().sum())
 
     def _log_mixture(self, stage: str) -> None:
-        self.log_metric(f"{stage}_scod")
-        self.log_metric(f"{stage}_inlier_rc")
+        scod = self.log_metric(f"{stage}_scod")
+        rc = self.log_metric(f"{stage}_inlier_rc")
+        curves = {}
+        if scod is not None:
+            curves.update(rejection_rate=scod["rejection_rate"], risk=scod["risk"])
+        if rc is not None:
+            curves.update(inlier_coverage=rc["coverage"], inlier_risk=rc["risk"])
+        self.curves[stage] = curves
         self.log_metric(f"{stage}_rejection_rate", prog_bar=False)
         cost, accepted = getattr(self, f"{stage}_cost"), getattr(self, f"{stage}_accepted")
         if accepted.update_count:

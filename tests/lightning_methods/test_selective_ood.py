@@ -182,6 +182,8 @@ def test_budget_is_met_on_the_test_mixture():
     assert abs(abstain.float().mean().item() - 0.25) <= 1 / n
     # on the inliers alone the rejection rate is something else: the budget is not on the inliers
     assert abs(abstain[~is_ood].float().mean().item() - 0.25) > 2 / n
+    curves = module.curves["test"]
+    assert len(curves["rejection_rate"]) == n and len(curves["inlier_risk"]) == int((~is_ood).sum())
     preds = trainer.predict(module, dm)
     assert set(preds[0]) == {"pred", "abstain", "score"} and preds[0]["abstain"].dtype == torch.bool
 
