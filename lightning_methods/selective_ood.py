@@ -796,11 +796,14 @@ class SelectiveOODModule(ClassifierModule):
                     w = torch.exp(self.ratio_a * sig_h["ood"].double() + self.ratio_b)
                     self.pi_mix = float(w.median().clamp(0.0, 0.999))
             sig_t = self._signals_of(split(self.threshold_split, threshold_data))
-            share = 1.0
+            share, tilt_share = 1.0, None
             if self.estimator == "black_box" and self.ratio_calibration == "mixture":
-                self.ratio_a, _ = fit_tilt_slope(inlier_cdf(sig_t["ood"], self.ratio_reference), len(self.ratio_reference))
+                u = inlier_cdf(sig_t["ood"], self.ratio_reference)
+                self.ratio_a, tilt_share = fit_tilt_slope(u, len(self.ratio_reference))
             if self.uses_ratio:
-                share = self.inlier_share if self.inlier_share is not None else estimate_inlier_share(self.rho(sig_t))
+                share = self.inlier_share
+                if share is None:  # the tilt's anchor estimate, or maximum likelihood given the ratio
+                    share = tilt_share if tilt_share is not None else estimate_inlier_share(self.rho(sig_t))
                 # an estimate of 0 would make S = c_fn (constant); keep a sliver of inliers
                 share = max(share, 1e-3)
             self.inlier_share_used = share
