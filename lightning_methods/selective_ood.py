@@ -251,7 +251,8 @@ def sirc_score(max_prob: torch.Tensor, ood: torch.Tensor, a: float, b: float) ->
     inliers (the paper's choice), so the OOD score only sharpens rejection where ``S2`` is unusually low.
     """
     s2 = -ood.double()
-    return ((1 - max_prob.double()) * (1 + torch.exp((-b * (s2 - a)).clamp(max=_MAX_LOG_RHO)))).float()
+    # the exponent is capped at 80 so the float32 result stays finite (e^88 overflows) for far-out scores
+    return ((1 - max_prob.double()) * (1 + torch.exp((-b * (s2 - a)).clamp(max=80.0)))).float()
 
 
 # -- OOD scores (higher = more OOD; the definitions of pytorch-ood, which the tests check them against) -----------

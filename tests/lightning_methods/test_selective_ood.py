@@ -151,6 +151,7 @@ def test_density_ratio_hand_case():
 def test_sirc_hand_case():
     s = sirc_score(torch.tensor([0.9]), torch.tensor([-2.0]), a=1.0, b=0.5)  # S2 = 2
     torch.testing.assert_close(s, torch.tensor([0.1 * (1 + math.exp(-0.5))]))
+    assert torch.isfinite(sirc_score(torch.tensor([0.5]), torch.tensor([1e6]), a=0.0, b=1.0)).all()  # far OOD
 
 
 def test_scores_match_pytorch_ood():
