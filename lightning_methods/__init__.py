@@ -20,6 +20,11 @@ _EXPORTS = {
     "exaggeration_slope": ".distillation_diagnostics",
     "MixupConsistencyModule": ".mixup_consistency",
     "ResMem": ".resmem",
+    "metrics": ".metrics",
+    "WorstClassAccuracy": ".metrics",
+    "RiskCoverage": ".metrics",
+    "DeferralCurve": ".metrics",
+    "SCODRisk": ".metrics",
     "SelectiveOODModule": ".selective_ood",
 }
 
