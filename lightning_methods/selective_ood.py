@@ -31,10 +31,13 @@ from the density ratio on the unlabelled mixture the threshold is set on (:func:
 The two plug-in estimators (Sec. 4), and the baselines, are ``estimator=``:
 
 - ``"black_box"`` (Eq. 8): ``max_y P_in(y|x)`` from the classifier's softmax and ``rho`` from any OOD score ``s``
-  (higher = more OOD) turned into a density ratio ``rho = exp(a s + b)`` whose scale is calibrated on held-out
-  data (:class:`SelectiveOODModule`'s ``ratio_calibration``). The OOD scores: ``msp``, ``max_logit``, ``energy``,
-  ``feature_norm``, ``mahalanobis`` (on a named embedding layer) or any pytorch-ood detector
-  (``"pytorch_ood:<Detector>"``).
+  (higher = more OOD) turned into a density ratio. A raw score is not one, and its scale is not identifiable from
+  inliers alone; by default (``ratio_calibration="mixture"``) ``s`` is mapped to its CDF ``u`` among held-out
+  inlier scores and ``rho(u) = a e^{au} / (e^a - 1)`` (mean 1 on inliers) with ``a`` fitted by maximum likelihood
+  on the unlabelled test mixture (:func:`inlier_cdf`, :func:`uniform_tilt`, :func:`fit_tilt_slope`); or
+  ``rho = exp(a s + b)`` calibrated against a wild set or on inliers only. The OOD scores: ``msp``,
+  ``max_logit``, ``energy``, ``feature_norm``, ``mahalanobis`` (on a named embedding layer) or any pytorch-ood
+  detector (``"pytorch_ood:<Detector>"``).
 - ``"loss_based"`` (Algorithm 1): one backbone with a class head (cross-entropy on labelled inliers) and an
   inlier-vs-wild head ``f`` on the embedding (logistic loss: inliers vs an unlabelled *wild* mixture
   ``P_wild = pi_mix P_in + (1 - pi_mix) P_out``). At the optimum ``exp(f(x)) * n_in / n_wild = P_wild / P_in =
