@@ -68,12 +68,11 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, ran
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric, SumMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_methods._distributed import map_in_order, world
 from lightning_methods._layers import default_embedding_layer, forward_with_embedding
 from lightning_methods._utils import save_hparams
-from lightning_methods.classifier import ClassifierModule, hard_targets, soft_cross_entropy
+from lightning_methods.classifier import ClassifierModule, hard_targets
 from lightning_methods.metrics import RiskCoverage, SCODRisk
 
 __all__ = [
