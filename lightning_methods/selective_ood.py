@@ -399,8 +399,9 @@ class SelectiveOODModule(ClassifierModule):
             ``pytorch_ood.detector`` built as ``Detector(model, **ood_score_kwargs)`` (fitted on the training
             inliers when it needs fitting; its fitted state is not saved: call :meth:`calibrate` after reloading).
         ood_score_kwargs: keyword arguments of a pytorch-ood detector.
-        inlier_share: ``pi_in`` of the test mixture; ``None`` estimates it by maximum likelihood on the threshold
-            split from the estimated density ratio (:func:`estimate_inlier_share`).
+        inlier_share: ``pi_in`` of the test mixture; ``None`` estimates it on the unlabelled threshold split: the
+            anchor estimate of :func:`fit_tilt_slope` (black box, ``ratio_calibration="mixture"``), else maximum
+            likelihood given the estimated density ratio (:func:`estimate_inlier_share`).
         ratio_calibration: how ``black_box`` turns the OOD score ``s`` into a density ratio. ``"mixture"``
             (default): ``s`` is mapped to its CDF ``u`` among the held-out inliers' scores (uniform on inliers,
             whatever the score's scale and tails) and ``rho = a exp(a u) / (exp(a) - 1)`` (mean 1 on inliers), the
