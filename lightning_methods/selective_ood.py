@@ -336,7 +336,7 @@ def _fit_logistic_1d(s_pos: torch.Tensor, s_neg: torch.Tensor, iters: int = 50) 
 
     Balanced weights make the fitted log-odds ``a s + b`` an estimate of ``log p_pos(s) / p_neg(s)``.
     """
-    s = torch.cat([s_pos, s_neg]).double()
+    s = torch.cat([s_pos, s_neg]).detach().double().cpu()  # two parameters: the CPU is fastest, on any device
     mu, sd = s.mean(), s.std().clamp_min(1e-12)
     z = (s - mu) / sd
     y = torch.cat([torch.ones(len(s_pos)), torch.zeros(len(s_neg))]).double()
