@@ -22,6 +22,7 @@ _EXPORTS = {
     "PretrainedFeaturesDataModule": ".private_features",
     "SemiSupervisedDataModule": ".semi_supervised",
     "RetrievalDataModule": ".retrieval",
+    "OODDataModule": ".ood",
 }
 
 __all__ = sorted(_EXPORTS)
