@@ -1,14 +1,15 @@
 """Robust distillation (Wang et al. 2023) at CPU scale: which teacher x student objectives give the best worst-class
 accuracy on long-tailed data, at what cost in average accuracy?
 
-Data: :class:`datamodules.LongTailedDataModule` over scikit-learn's digits and over MNIST-1D (5,000 generated
-examples, rho = 10 only), ``rho`` in {10, 100} (head-to-tail ratio of the training class sizes), balanced validation and test splits.
+Data: :class:`datamodules.LongTailedDataModule` over scikit-learn's digits (``rho`` in {10, 100}, the head-to-tail
+ratio of the training class sizes) and over MNIST-1D (5,000 generated examples, ``rho = 10``), balanced validation
+and test splits.
 Teacher ``MLP(256, 256)``, student ``MLP(16)``, both trained full-batch with Adam for a fixed number of steps (the
 brief's workable CPU setting); every seed redraws the long-tailed subset, the split and the initialisations.
 
 Arms (every one a :class:`lightning_methods.RobustClassifierModule` or :class:`lightning_methods.RobustDistillationModule`,
 trained through its own ``loss`` / ``kd_objective`` / ``update_multipliers``; a plain loop instead of a Trainer, so the
-~300 runs fit the time budget):
+~200 runs fit the time budget):
 
 * teachers ERM, balanced (logit-adjusted CE) and DRO (EG multipliers from the balanced validation split);
 * students without distillation: ERM, balanced, DRO;
@@ -23,7 +24,7 @@ Reported: test accuracy on the balanced test split (= balanced accuracy) and wor
 seeds, via :class:`lightning_methods.metrics.WorstClassAccuracy`; Pareto plots (average vs worst-class); the paper's
 four claims checked on the numbers.
 
-    python benchmarks/robust_distillation.py           # full run, writes benchmarks/results/robust_distillation.{md,json,png}
+    python benchmarks/robust_distillation.py           # full run (2.8 min), writes benchmarks/results/robust_distillation.{md,json,png}
     python benchmarks/robust_distillation.py --quick   # smoke run (one setting, one seed, few steps)
 """
 
