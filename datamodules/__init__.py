@@ -20,6 +20,8 @@ _EXPORTS = {
     "CounterexampleDataModule": ".private_features",
     "PretrainedFeaturesDataModule": ".private_features",
     "SemiSupervisedDataModule": ".semi_supervised",
+    "DeferralDataModule": ".cascade",
+    "FailureModeDataModule": ".cascade",
 }
 
 __all__ = sorted(_EXPORTS)

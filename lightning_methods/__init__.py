@@ -20,6 +20,7 @@ _EXPORTS = {
     "exaggeration_slope": ".distillation_diagnostics",
     "MixupConsistencyModule": ".mixup_consistency",
     "ResMem": ".resmem",
+    "CascadeModule": ".cascade",
 }
 
 __all__ = sorted(_EXPORTS)
