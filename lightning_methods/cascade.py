@@ -709,20 +709,25 @@ class CascadeModule(HoldsFrozenModels, pl.LightningModule):
             self._materialize_heads(datamodule)
         if stage == "fit":
             self._check_fit_split(datamodule)
-            if self.deferral == "posthoc" and self._nothing_to_train() and not bool(self.head_fitted):
-                raise ValueError(
-                    "`deferral='posthoc'` learns its rule g, but this fit runs no training step (max_epochs=0 / "
-                    "max_steps=0 / limit_train_batches=0): give it some epochs, or load a fitted cascade first."
-                )
             if not self._has_target and not self.has_thresholds:
                 rank_zero_info("CascadeModule: no `deferral_rate` / `cost_budget`: fit chooses no thresholds.")
-        elif self.deferral == "posthoc":
+
+    # What a checkpoint restores (g, thresholds) is checked when a stage starts: Lightning restores `ckpt_path` after
+    # `setup`, and before these hooks and any step.
+    def _check_ready(self, predicting: bool = False) -> None:
+        if self.deferral == "posthoc":
             self._require_head()
-        if stage == "predict" and not self.has_thresholds:
+        if predicting and not self.has_thresholds:
             raise ValueError(
                 "`trainer.predict` runs the cascade at its thresholds, and it has none: fit it with `deferral_rate` or "
                 "`cost_budget` (the thresholds are chosen on held-out data), or set `thresholds`."
             )
+
+    def on_test_start(self) -> None:
+        self._check_ready()
+
+    def on_predict_start(self) -> None:
+        self._check_ready(predicting=True)
 
     def _check_models_against_data(self, datamodule: Any) -> None:
         data_classes = getattr(datamodule, "num_classes", None) if datamodule is not None else None
@@ -822,10 +827,17 @@ class CascadeModule(HoldsFrozenModels, pl.LightningModule):
             self.head_fitted.fill_(True)  # g has been trained (a resumed or stopped fit can use it as it is)
 
     def on_fit_start(self) -> None:
+        if self.deferral == "posthoc" and self._nothing_to_train() and not bool(self.head_fitted):
+            raise ValueError(
+                "`deferral='posthoc'` learns its rule g, but this fit runs no training step (max_epochs=0 / "
+                "max_steps=0 / limit_train_batches=0): give it some epochs, or load a fitted cascade first."
+            )
         if self.heads is None or self._nothing_to_train():
             self._calibrate_after_fit()  # nothing to learn: the thresholds are chosen once
 
     def on_validation_start(self) -> None:
+        if self.trainer.state.fn != "fit":
+            self._check_ready()
         # g changes during fit: re-choose its thresholds before each validation epoch, so the epoch's cascade metrics
         # and the checkpoints written after it hold thresholds of the current g
         if self.heads is not None and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking and bool(self.head_fitted):
