@@ -21,6 +21,11 @@ _EXPORTS = {
     "MixupConsistencyModule": ".mixup_consistency",
     "ResMem": ".resmem",
     "CascadeModule": ".cascade",
+    "metrics": ".metrics",
+    "WorstClassAccuracy": ".metrics",
+    "RiskCoverage": ".metrics",
+    "DeferralCurve": ".metrics",
+    "SCODRisk": ".metrics",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -49,7 +49,7 @@ __all__ = ["ResMem", "residuals", "resmem_weights", "combine", "base_prediction"
 TASKS = ("classification", "regression")
 #: the grid of :meth:`ResMem.tune` when none is given (the paper-brief's CPU-scale grid)
 DEFAULT_TUNE_GRID: dict[str, list[float]] = {"k": [5, 20, 50], "sigma": [0.05, 0.2], "temperature": [1.0, 2.0]}
-_MEMORY = ("memory_embeddings", "memory_outputs", "memory_targets")
+_MEMORY = ("memory_embeddings", "memory_outputs", "memory_targets", "memory_residual_values", "memory_residual_index")
 
 
 # -- the math of ResMem (pure functions) ---------------------------------------------------------------------------
@@ -128,6 +128,10 @@ class ResMem(ClassifierModule):
         knn_backend: ``"torch"`` (exact blocked search on the model's device) or ``"faiss"`` (``IndexFlatL2``, CPU;
             needs ``faiss-cpu``); both return the same neighbours.
         block_size: keys per tile of the torch search (a tile holds ``512 x block_size`` scores).
+        residual_top_m: keep only the ``m`` largest-magnitude entries of each memorised residual (the paper's
+            sparse residuals for large label spaces, Sec. 3): once the memory is built and tuned, it holds
+            ``N x m`` values and class indices instead of the ``N x C`` outputs and targets. ``None`` keeps the
+            dense memory, which ``tune`` needs (the residuals depend on the temperature).
         memory_batch_size: batch size of the memory pass and of tuning.
         save_path: where to write a checkpoint (weights, memory, chosen hyperparameters) once ``fit`` has built the
             memory. Checkpoints that ``ModelCheckpoint`` writes during ``fit`` predate the memory.
@@ -141,7 +145,17 @@ class ResMem(ClassifierModule):
         the training dataloader's dataset, in order and without its sampler. It is part of the ``state_dict`` (the
         ``memory_*`` buffers, with ``k``, ``sigma`` and ``temperature`` as extra state), so it is saved in
         checkpoints, restored by ``load_from_checkpoint`` and sent back from ``ddp_spawn`` workers; loading a
-        checkpoint written before the memory existed empties it. Memory size is ``N x (dim + 2 C)`` floats.
+        checkpoint written before the memory existed empties it. Memory size (:attr:`memory_bytes`) is
+        ``N x (dim + C)`` floats plus ``N`` integer labels (soft targets: ``N x C`` more floats), or
+        ``N x (dim + 2 m)`` numbers with ``residual_top_m=m``.
+
+        One rule for ``(k, sigma, temperature)``: they belong to the memory. What ``tune`` chooses is written into
+        ``hparams`` (so the checkpoint's hyperparameters hold it) and saved with the memory, and ``load_state_dict``
+        restores it (also when a ``ddp_spawn`` worker hands its state back); a value given explicitly that differs
+        from the saved one (``load_from_checkpoint(path, k=5)``, or a module built with another ``k`` and resumed)
+        wins over it. ``fit`` trains a new base model, so it drops the
+        memory of the previous one when it starts (nothing is evaluated against a stale memory) and builds a new one
+        when training ends. :meth:`predict` always runs the backbone in eval mode.
 
     Example::
 
@@ -167,6 +181,7 @@ class ResMem(ClassifierModule):
         tune_grid: dict[str, list[float]] | None = None,
         knn_backend: Literal["torch", "faiss"] = "torch",
         block_size: int = 4096,
+        residual_top_m: int | None = None,
         memory_batch_size: int = 512,
         save_path: str | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -186,6 +201,11 @@ class ResMem(ClassifierModule):
             raise ValueError(f"`knn_backend` must be one of {BACKENDS}, got {knn_backend!r}.")
         if knn_backend == "faiss" and not faiss_available():
             raise ValueError("`knn_backend='faiss'` needs faiss (`pip install faiss-cpu`); or use 'torch' (exact, same results).")
+        if residual_top_m is not None and task != "classification":
+            raise ValueError("`residual_top_m` (sparse residuals) is for classification; leave it None for regression.")
+        if residual_top_m is not None and (isinstance(residual_top_m, bool) or not isinstance(residual_top_m, int)
+                                           or not 1 <= residual_top_m <= num_classes):
+            raise ValueError(f"`residual_top_m` must be an integer in [1, num_classes={num_classes}], got {residual_top_m!r}.")
         for name, value in (("block_size", block_size), ("memory_batch_size", memory_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
@@ -198,6 +218,7 @@ class ResMem(ClassifierModule):
         self.tune_grid = self._check_grid(tune_grid) if tune_grid is not None else None
         self.knn_backend = knn_backend
         self.block_size = block_size
+        self.residual_top_m = residual_top_m
         self.memory_batch_size = memory_batch_size
         self.save_path = save_path
         for name in _MEMORY:
@@ -246,6 +267,25 @@ class ResMem(ClassifierModule):
                 raise ValueError(f"`k={self.k}` is larger than the training set ({n} examples): the memory holds {n}.")
             if self.tune_on_val and len(dm.dataset("val")) == 0:
                 raise ValueError("`tune_on_val=True` needs a validation split; the datamodule's is empty.")
+            if self.tune_on_val:
+                self._tune_grid_for(n)  # every grid value checked now, not after training
+
+    def _tune_grid_for(self, n: int) -> dict[str, list]:
+        """The tuning grid for a memory of ``n`` examples: a given grid must fit it; the default grid is clipped."""
+        if self.tune_grid is not None:
+            too_large = [k for k in self.tune_grid.get("k", []) if k > n]
+            if too_large:
+                raise ValueError(
+                    f"`tune_grid['k']` holds {too_large}, more neighbours than the {n} training examples the memory "
+                    f"will hold: use values <= {n}."
+                )
+            return self.tune_grid
+        grid = dict(DEFAULT_TUNE_GRID)
+        ks = [k for k in grid["k"] if k <= n]
+        if len(ks) < len(grid["k"]):
+            rank_zero_info(f"ResMem: the default tuning grid's k is clipped to the {n} training examples: k in {ks or [n]}.")
+        grid["k"] = ks or [n]
+        return grid
 
     # -- the embedding pass ----------------------------------------------------------------------------------------
     def _forward_with_embedding(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,7 +309,7 @@ class ResMem(ClassifierModule):
     def _memory_targets(self, targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
         if self.task == "classification":
             check_targets(outputs, targets)
-            return F.one_hot(targets, self.num_classes).float() if targets.ndim == 1 else targets.float()
+            return targets if targets.ndim == 1 else targets.float()  # class indices stay integers (N,)
         flat = outputs.reshape(len(outputs), -1)
         if targets.numel() != flat.numel():
             raise ValueError(f"Regression targets of shape {tuple(targets.shape)} do not match outputs {tuple(outputs.shape)}.")
@@ -288,7 +328,8 @@ class ResMem(ClassifierModule):
             batch_size: examples per forward; defaults to ``memory_batch_size``.
 
         Returns:
-            ``(embeddings (N, dim), outputs (N, C), targets (N, C))`` with one-hot or soft targets for classification.
+            ``(embeddings (N, dim), outputs (N, C), targets)`` with targets class indices ``(N,)`` or soft ``(N, C)``
+            for classification.
         """
         was_training = self.model.training
         self.model.eval()
@@ -315,9 +356,47 @@ class ResMem(ClassifierModule):
 
     @property
     def memory_residuals(self) -> torch.Tensor:
-        """The memorized residuals ``r_i = y_i - f(x_i)`` at the current temperature, ``(N, C)``."""
+        """The memorized residuals ``r_i = y_i - f(x_i)`` at the current temperature, ``(N, C)`` (dense)."""
         self._require_memory()
-        return residuals(self.memory_targets, self.memory_outputs, self.temperature, self.task)
+        return self._residuals_of(torch.arange(self.memory_size, device=self.memory_embeddings.device))
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the memory buffers."""
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in _MEMORY)
+
+    @property
+    def is_sparse(self) -> bool:
+        """Whether the memory holds top-m sparse residuals (:meth:`sparsify`) instead of outputs and targets."""
+        return self.memory_residual_values.numel() > 0
+
+    def _dense_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        if self.task == "classification" and not targets.is_floating_point():
+            return F.one_hot(targets, self.num_classes).to(self.memory_outputs.dtype)
+        return targets
+
+    def _residuals_of(self, idx: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """Residuals of the memory rows ``idx`` (any shape), ``(*idx.shape, C)``."""
+        if self.is_sparse:
+            values, index = self.memory_residual_values[idx], self.memory_residual_index[idx]
+            dense = values.new_zeros(*idx.shape, self.num_classes)
+            return dense.scatter_(-1, index.long(), values)
+        t = self.temperature if temperature is None else temperature
+        return residuals(self._dense_targets(self.memory_targets[idx]), self.memory_outputs[idx], t, self.task)
+
+    def sparsify(self, m: int) -> None:
+        """Keep the ``m`` largest-magnitude entries of each residual at the current temperature (Sec. 3 of the
+        paper) and drop the dense outputs and targets; ``tune`` is no longer possible afterwards."""
+        self._require_memory()
+        if self.task != "classification" or self.is_sparse:
+            raise RuntimeError("sparsify() needs a dense classification memory.")
+        r = self.memory_residuals
+        index = r.abs().topk(m, dim=1).indices
+        # class indices in the narrowest integer type that holds them (the memory is the point of sparsifying)
+        small = torch.int16 if self.num_classes <= 2**15 else torch.int32
+        self.memory_residual_values, self.memory_residual_index = r.gather(1, index), index.to(small)
+        self.memory_outputs, self.memory_targets = r.new_empty(0), r.new_empty(0)
+        self._memory_version += 1
 
     def build_memory(self, data: Dataset | DataLoader, batch_size: int | None = None) -> None:
         """Embed the training set once and memorize it (see :meth:`embed` for ``data`` and DDP behaviour).
@@ -329,6 +408,13 @@ class ResMem(ClassifierModule):
         if self.k > len(embeddings):
             raise ValueError(f"`k={self.k}` is larger than the memory ({len(embeddings)} examples): use `k <= {len(embeddings)}`.")
         self.memory_embeddings, self.memory_outputs, self.memory_targets = embeddings, outputs, targets
+        self.memory_residual_values, self.memory_residual_index = embeddings.new_empty(0), embeddings.new_empty(0, dtype=torch.long)
+        self._memory_version += 1
+
+    def clear_memory(self) -> None:
+        """Empty the memory (``fit`` does this when it starts: the memory belongs to the previous base model)."""
+        for name in _MEMORY:
+            setattr(self, name, getattr(self, name).new_empty(0))
         self._memory_version += 1
 
     def _require_memory(self) -> None:
@@ -348,19 +434,25 @@ class ResMem(ClassifierModule):
 
     def _combine(self, outputs: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         sq_dists, idx = self.search(embeddings)
-        r = residuals(self.memory_targets[idx], self.memory_outputs[idx], self.temperature, self.task)
+        r = self._residuals_of(idx)
         base = base_prediction(self._flat_outputs(outputs), self.temperature, self.task)
         return combine(base, r, sq_dists, self.sigma)
 
     @torch.no_grad()
     def predict(self, x: Any) -> torch.Tensor:
-        """ResMem prediction ``f(x) + sum_i w_i r_i`` for a batch of inputs (call ``eval()`` first, as for ``forward``).
+        """ResMem prediction ``f(x) + sum_i w_i r_i`` for a batch of inputs, with the backbone in eval mode (no
+        dropout; its mode is restored afterwards).
 
         Returns scores ``(N, C)`` for classification (argmax gives the class; not a distribution) or predictions in
         the backbone's output shape for regression.
         """
         self._require_memory()
-        outputs, emb = self._forward_with_embedding(x)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            outputs, emb = self._forward_with_embedding(x)
+        finally:
+            self.model.train(was_training)
         return self._combine(outputs, emb).reshape(outputs.shape)
 
     # -- choosing (k, sigma, T) ------------------------------------------------------------------------------------
@@ -391,6 +483,8 @@ class ResMem(ClassifierModule):
             every grid point's score.
         """
         self._require_memory()
+        if self.is_sparse:
+            raise RuntimeError("The memory holds sparse residuals (`residual_top_m`): tune before `sparsify`.")
         if k is None and sigma is None and temperature is None:
             grid = self._check_grid(DEFAULT_TUNE_GRID)
         else:
@@ -408,7 +502,7 @@ class ResMem(ClassifierModule):
         sq_dists, idx = self.search(emb, max(ks), exclude)  # raises for k larger than the memory
 
         classification = self.task == "classification"
-        labels = targets.argmax(1) if classification else targets
+        labels = (targets.argmax(1) if targets.ndim == 2 else targets) if classification else targets
 
         def score(pred: torch.Tensor) -> float:
             if classification:
@@ -419,7 +513,7 @@ class ResMem(ClassifierModule):
         results, best = [], None
         for t in temps:
             base = base_prediction(outputs, t, self.task)
-            r = residuals(self.memory_targets[idx], self.memory_outputs[idx], t, self.task)
+            r = self._residuals_of(idx, t)
             for kk, s in itertools.product(ks, sigmas):
                 value = score(combine(base, r[:, :kk], sq_dists[:, :kk], s))
                 results.append({"k": kk, "sigma": s, "temperature": t, "score": value})
@@ -431,6 +525,7 @@ class ResMem(ClassifierModule):
             dist.broadcast_object_list(choice, src=0)
         best = choice[0]
         self.k, self.sigma, self.temperature = best["k"], best["sigma"], best["temperature"]
+        self.hparams.update(k=self.k, sigma=self.sigma, temperature=self.temperature)  # what a checkpoint records
         return {
             **best,
             "base_score": score(base_prediction(outputs, 1.0, self.task)),
@@ -458,6 +553,8 @@ class ResMem(ClassifierModule):
     def on_fit_start(self) -> None:
         if self._nothing_to_train():  # a trained backbone: build the memory now, on the device, under DDP
             self._build_after_fit()
+        else:  # a memory from an earlier fit belongs to the old base model: never evaluate against it
+            self.clear_memory()
 
     def on_train_end(self) -> None:
         # not `on_fit_end`: by then the strategy has torn down (model moved to CPU)
@@ -482,13 +579,15 @@ class ResMem(ClassifierModule):
     def _build_after_fit(self) -> None:
         self.build_memory(self._fit_data("train"))
         if self.tune_on_val:
-            grid = self.tune_grid or DEFAULT_TUNE_GRID
+            grid = self._tune_grid_for(self.memory_size)
             result = self.tune(self._fit_data("val"), **grid)
             rank_zero_info(
                 f"ResMem tuned on the validation split: k={result['k']}, sigma={result['sigma']}, "
                 f"temperature={result['temperature']}: {result['metric']} {result['base_score']:.4f} (base) -> "
                 f"{result['score']:.4f} (ResMem)."
             )
+        if self.residual_top_m is not None:
+            self.sparsify(self.residual_top_m)
         if self.save_path:
             self.trainer.save_checkpoint(self.save_path)
 
@@ -532,7 +631,19 @@ class ResMem(ClassifierModule):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         _check_hyperparameters(state["k"], state["sigma"], state["temperature"])
-        self.k, self.sigma, self.temperature = state["k"], state["sigma"], state["temperature"]
+        overridden = self.__dict__.pop("_overridden", set())
+        for name in ("k", "sigma", "temperature"):
+            if name not in overridden:
+                setattr(self, name, state[name])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # runs before load_state_dict: a value this module was built with that differs from the one saved with the
+        # memory was given explicitly (load_from_checkpoint(path, k=5); Lightning has already merged such overrides
+        # into checkpoint["hyper_parameters"], so compare with the saved state): it must survive set_extra_state
+        stored = (checkpoint.get("state_dict") or {}).get("_extra_state") or {}
+        self.__dict__["_overridden"] = {
+            name for name in ("k", "sigma", "temperature") if name in stored and stored[name] != getattr(self, name)
+        }
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
