@@ -630,7 +630,9 @@ class CascadeModule(HoldsFrozenModels, pl.LightningModule):
         """
         if self.deferral == "posthoc":
             self._require_head()
-        sample = data.dataset[0][0] if isinstance(data, DataLoader) else data[0][0]
+        if isinstance(data, DataLoader):  # its dataset, example by example (a loader's collate may expect whole batches)
+            data = data.dataset
+        sample = data[0][0]
         costs = self.stage_costs(move_data_to_device(sample.unsqueeze(0), self.device))
         rates = self.target_rates(costs)
         if rates is None:
