@@ -224,6 +224,20 @@ def test_thresholds_under_two_processes_equal_one_process():
 
 
 @pytest.mark.slow
+def test_posthoc_thresholds_under_two_processes_equal_one_process():
+    fitted = CascadeModule(_models(), C, deferral="posthoc", hidden_sizes=[16], optimizer=_adam())
+    cpu_trainer(max_epochs=2).fit(fitted, datamodule=_dm())
+    thresholds = {}
+    for name, trainer in (("one", cpu_trainer(max_epochs=0)), ("two", ddp_trainer(max_epochs=0))):
+        cascade = CascadeModule(_models(), C, deferral="posthoc", hidden_sizes=[16], deferral_rate=0.45)
+        cascade.load_state_dict(fitted.state_dict())  # the fitted g: this fit only chooses thresholds from its scores
+        trainer.fit(cascade, datamodule=_dm())
+        thresholds[name] = cascade.thresholds.clone()
+    assert torch.isfinite(thresholds["one"]).all()
+    torch.testing.assert_close(thresholds["two"], thresholds["one"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_resume_restores_g_and_thresholds(tmp_path):
     def run(epochs, ckpt_path=None, callbacks=()):
         torch.manual_seed(0)
