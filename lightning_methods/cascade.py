@@ -42,7 +42,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from torchmetrics import MeanMetric, MeanSquaredError
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_methods._distributed import map_in_order, world
@@ -472,7 +472,6 @@ class CascadeModule(HoldsFrozenModels, pl.LightningModule):
         if thresholds is not None:
             self.set_thresholds(thresholds)
 
-        self.val_g_mse = MeanSquaredError()
         for stage in ("val", "test"):
             for i in range(n):
                 setattr(self, f"{stage}_acc_model{i}", MulticlassAccuracy(self.num_classes, average="micro"))

@@ -245,10 +245,19 @@ class LightningMethodsCLI(LightningCLI):
         if raw is None:
             raw = sys.argv[1:]
         raw = _fill_backbone_lists(raw)
-        if kwargs.get("args") is not None or raw != sys.argv[1:]:
+        # the console's own arguments, rewritten (a list of backbones filled in): not the mix of `args` and command
+        # line arguments LightningCLI warns about
+        self._rewrote_argv = kwargs.get("args") is None and raw != sys.argv[1:]
+        if kwargs.get("args") is not None or self._rewrote_argv:
             kwargs["args"] = raw
         self._link_map = _link_targets(_peek_classes(raw))
         super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        if getattr(self, "_rewrote_argv", False):
+            self.config = parser.parse_args(args)
+        else:
+            super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         for target, attr in self._link_map.items():
