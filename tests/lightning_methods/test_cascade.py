@@ -377,3 +377,14 @@ def test_cli_refuses_a_contradicting_value_in_models(tmp_path, monkeypatch):
     (tmp_path / "bad.yaml").write_text(config)
     with pytest.raises(ValueError, match="`in_features=64` of lightning_methods.nets.MLP in `models` contradicts"):
         run_cli("fit", "--config", str(tmp_path / "bad.yaml"))
+
+
+def test_plot_deferral_curves_writes_a_png(tmp_path):
+    from lightning_methods.cascade import plot_deferral_curves
+
+    rate = torch.linspace(0, 1, 11)
+    path = plot_deferral_curves({"confidence": (rate, 0.5 + 0.2 * rate), "random": (rate, 0.5 + 0.1 * rate)},
+                                tmp_path / "curves.png", title="test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="empty"):
+        plot_deferral_curves({}, tmp_path / "none.png")
