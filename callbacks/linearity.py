@@ -29,8 +29,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from callbacks.mixup import sample_mixing
 from lightning_methods._layers import capture_layers, layer_output, resolve_layer
+from lightning_methods.mixup import sample_mixing
 
 __all__ = ["LinearityCallback", "interpolation_deviation", "plot_linearity", "OUTPUT_NAMES"]
 

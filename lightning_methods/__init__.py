@@ -19,6 +19,7 @@ _EXPORTS = {
     "supervision_complexity": ".distillation_diagnostics",
     "exaggeration_slope": ".distillation_diagnostics",
     "MixupConsistencyModule": ".mixup_consistency",
+    "mixup": ".mixup",
     "ResMem": ".resmem",
     "CascadeModule": ".cascade",
     "metrics": ".metrics",

@@ -37,10 +37,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from callbacks.mixup import MixingSampler, _finite_batches, mix, mix_targets
 from lightning_methods._utils import save_hparams
 from lightning_methods._frozen import FrozenSlot, HoldsFrozenModels
 from lightning_methods.classifier import ClassifierModule, hard_targets
+from lightning_methods.mixup import MixingSampler, _finite_batches, mix, mix_targets
 
 __all__ = ["MixupConsistencyModule", "sigmoid_rampup", "ict_consistency_loss"]
 

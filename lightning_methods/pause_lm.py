@@ -28,6 +28,7 @@ the last pause, so the answer is computed from ``K + M`` vectors. Read next to t
 from __future__ import annotations
 
 import copy
+import enum
 import inspect
 import os
 from pathlib import Path
@@ -223,6 +224,13 @@ def _stored_config(meta: dict) -> PretrainedConfig:
     return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
 
 
+def _stored_peft_config(meta: dict) -> Any:
+    from peft import get_peft_config
+
+    stored = {k: v for k, v in meta["peft_config"].items() if v is not None}
+    return get_peft_config(stored)
+
+
 def _read_checkpoint(path: Any) -> dict:
     # mmap: tensors are mapped, not read, so looking at the metadata costs little and the weights are read once
     mmap = isinstance(path, (str, os.PathLike))
@@ -236,11 +244,17 @@ def _load_lightning_checkpoint(path: str) -> tuple[PreTrainedModel, Any]:
         raise ValueError(f"`model={path!r}` is not a PauseTokenLM checkpoint (it has no {_CKPT_KEY!r} entry).")
     meta = checkpoint[_CKPT_KEY]
     model = AutoModelForCausalLM.from_config(_stored_config(meta))
+    if meta.get("peft_config") is not None:  # adapters: rebuild them, load, and merge into the next stage's model
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _stored_peft_config(meta))
     state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"`model={path!r}`: the stored weights do not match the stored config: {err}") from err
+    if meta.get("peft_config") is not None:
+        model = model.merge_and_unload()
     return model, tokenizer_from_files(meta["tokenizer_files"])
 
 
@@ -283,6 +297,11 @@ class PauseTokenLM(pl.LightningModule):
             ``attn_implementation``, ``trust_remote_code``, ...). The weights train in the dtype they are loaded in:
             a bfloat16 release loaded as is trains in pure bfloat16 (no float32 master weights; ``fit`` says so);
             ``model_kwargs={"dtype": "float32"}`` with ``precision="bf16-mixed"`` is mixed precision.
+        peft_config: train adapters instead of the whole model: a ``peft.LoraConfig`` (or its dict, as in a YAML
+            config). The pause token is added to the base model first; then only the adapters and the pause
+            token's embedding row train (PEFT's ``trainable_token_indices``: the other rows stay exactly as they
+            were). Checkpoints hold the adapters and the config, and ``load_from_checkpoint`` rebuilds them;
+            :meth:`save_pretrained` writes a PEFT adapter directory.
 
     Note:
         A model object you pass is copied: the module trains (and resizes the embeddings of) its own copy, so the
@@ -321,6 +340,7 @@ class PauseTokenLM(pl.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
         model_kwargs: dict[str, Any] | None = None,
+        peft_config: Any = None,
     ) -> None:
         super().__init__()
         if model_kwargs is not None and not isinstance(model_kwargs, dict):
@@ -352,6 +372,7 @@ class PauseTokenLM(pl.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.seed = int(seed)
+        self.peft_config = _peft_config(peft_config)
         self.val_exact_match = MeanMetric()
         self.test_exact_match = MeanMetric()
         self.model: PreTrainedModel | None = None
@@ -401,9 +422,19 @@ class PauseTokenLM(pl.LightningModule):
         raise ValueError("The tokenizer has neither a pad nor an EOS token: set `tokenizer.pad_token` before passing it.")
 
     def _build(self, model: Any, tokenizer: Any, saved_tokenizer: Any = None) -> None:
-        self.tokenizer, self.model = self._add_pause_token(tokenizer, model, self.pause_token, saved_tokenizer)
+        tokenizer, model = self._add_pause_token(tokenizer, model, self.pause_token, saved_tokenizer)
+        self.tokenizer = tokenizer
         self.pause_token_id = self.tokenizer.convert_tokens_to_ids(self.pause_token)
         self.pad_token_id = self._pad_id(self.tokenizer)
+        if self.peft_config is not None:
+            from peft import get_peft_model
+
+            config = copy.deepcopy(self.peft_config)
+            if self.uses_pauses and not config.trainable_token_indices:
+                config.trainable_token_indices = [self.pause_token_id]  # the new row trains, no other row does
+            self.peft_config = config  # what the checkpoint records: the adapters exactly as built
+            model = get_peft_model(model, config)
+        self.model = model
 
     def _add_pause_token(self, tokenizer: Any, model: Any, pause_token: str, saved_tokenizer: Any = None) -> tuple:
         """Add ``<pause>`` to (a copy of) the tokenizer and a row for it to the embeddings, initialised sensibly.
@@ -539,6 +570,14 @@ class PauseTokenLM(pl.LightningModule):
             )
         elif self.mode == "pretrain" and getattr(datamodule, "max_length", None) is not None:
             needed, what = datamodule.max_length, f"sequences of {datamodule.max_length} tokens"
+            with_pauses = datamodule.max_length + round(self.pretrain_pause_fraction * datamodule.max_length)
+            if context is not None and needed <= context < with_pauses:
+                rank_zero_warn(
+                    f"PauseTokenLM: blocks of {needed} tokens plus {self.pretrain_pause_fraction:.0%} pauses need "
+                    f"{with_pauses} positions, more than the context of {context}: each block's overflow trains in an "
+                    "extra row (every token is still trained once, at extra compute). To pack with room for the "
+                    f"pauses, use blocks of at most {int(context / (1 + self.pretrain_pause_fraction))} tokens."
+                )
         if context is not None and needed is not None and needed > context:
             raise ValueError(
                 f"{what} need {needed} positions but the model's context is {context}: raise the config's "
@@ -790,6 +829,8 @@ class PauseTokenLM(pl.LightningModule):
         init = {k: v for k, v in {**hparams, **kwargs}.items() if k in params}
         if init.get("model") is None:
             init["model"] = _stored_config(meta)  # the architecture; the weights come from the state dict below
+        if init.get("peft_config") is None and meta.get("peft_config") is not None:
+            init["peft_config"] = _stored_peft_config(meta)
         module = cls(**init)
         module.on_load_checkpoint(checkpoint)
         module.load_state_dict(checkpoint["state_dict"], strict=True if strict is None else strict)
@@ -813,6 +854,7 @@ class PauseTokenLM(pl.LightningModule):
             "pause_token_id": self.pause_token_id,
             "pause_token_trained": bool(self.model.config.pause_token_trained),
             "config": self.model.config.to_dict(),
+            "peft_config": None if self.peft_config is None else _plain(self.peft_config.to_dict()),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -836,7 +878,9 @@ class PauseTokenLM(pl.LightningModule):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the model and its tokenizer (with the pause token) as a Hugging Face directory.
 
-        ``PauseTokenLM(model=directory)`` reloads both; so do ``AutoModelForCausalLM`` / ``AutoTokenizer``.
+        ``PauseTokenLM(model=directory)`` reloads both; so do ``AutoModelForCausalLM`` / ``AutoTokenizer``. With
+        ``peft_config`` it writes PEFT's adapter directory (adapters and the trained pause row) and the tokenizer:
+        ``PeftModel.from_pretrained(base, directory)`` on the base model with the pause token added reloads it.
         """
         self._require_model()
         self.model.save_pretrained(directory)
@@ -851,6 +895,35 @@ def _exact_match(logits: torch.Tensor, labels: torch.Tensor, pause_token_id: int
     labelled = target != IGNORE_INDEX
     right = (logits.argmax(dim=-1) == target) | ~labelled
     return right.all(dim=1) & labelled.any(dim=1)
+
+
+def _peft_config(config: Any) -> Any:
+    """A ``peft.LoraConfig`` from a config object or its dict (None stays None)."""
+    if config is None:
+        return None
+    from peft import LoraConfig, PeftConfig, get_peft_config
+
+    if isinstance(config, dict):
+        config = get_peft_config({"peft_type": "LORA", "task_type": "CAUSAL_LM", **config})
+    if not isinstance(config, PeftConfig):
+        raise TypeError(f"`peft_config` must be a peft LoraConfig or its dict, got {type(config).__name__}.")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"`peft_config` must be a LoraConfig (adapters + a trainable pause row), got {type(config).__name__}.")
+    return copy.deepcopy(config)
+
+
+def _plain(value: Any) -> Any:
+    """A PEFT config dict as plain data (sets become sorted lists, enums strings): checkpoints load with weights_only."""
+    if isinstance(value, enum.Enum):  # PeftType / TaskType subclass str: test before str
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        items = [_plain(v) for v in value]
+        return sorted(items, key=str) if isinstance(value, set) else items
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(getattr(value, "value", value))
 
 
 def _as_list(ids: Any) -> list[int]:

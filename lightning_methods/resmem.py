@@ -539,12 +539,10 @@ class ResMem(ClassifierModule):
             return super().loss(logits, targets)
         return F.mse_loss(self._flat_outputs(logits), self._memory_targets(targets, logits))
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def update_train_metrics(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         if self.task == "classification":
-            return super().training_step(batch, batch_idx)
-        loss = self.loss(self(batch[0]), batch[1])
-        self.train_loss_mean.update(loss.detach(), len(batch[1]))  # logged per epoch by ClassifierModule
-        return loss
+            return super().update_train_metrics(loss, logits, targets)
+        self.train_loss_mean.update(loss.detach(), len(targets))  # no accuracy in regression
 
     def _nothing_to_train(self) -> bool:
         trainer = self.trainer

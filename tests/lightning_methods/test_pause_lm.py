@@ -487,3 +487,36 @@ def test_load_from_checkpoint_needs_nothing_for_a_python_built_checkpoint(tok, t
     for a, b in zip(loaded.model.state_dict().values(), lm.model.state_dict().values()):
         torch.testing.assert_close(a, b)
     assert loaded.generate(["12+3="], max_new_tokens=4) == lm.generate(["12+3="], max_new_tokens=4)
+
+
+def test_lora_adapters_train_only_the_pause_row_of_the_embeddings_and_reload(tok, tmp_path):
+    from peft import LoraConfig
+
+    dm = SyntheticReasoningDataModule(num_train=64, num_val=16, num_test=16, batch_size=16)
+    base = AutoModelForCausalLM.from_config(llama_config(vocab_size=len(dm.tokenizer)))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    lm = PauseTokenLM(base, dm.tokenizer, num_pauses=3, optimizer=adam(1e-2), peft_config=lora)
+    pause = lm.pause_token_id
+    emb_before = lm.model.get_input_embeddings().weight.detach().clone()
+    base_before = {k: v.detach().clone() for k, v in lm.model.named_parameters() if "lora_" not in k and "token_adapter" not in k}
+    trainable = {k for k, p in lm.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in k or "token_adapter" in k for k in trainable)
+    trainer = cpu_trainer(max_steps=5, limit_val_batches=0)
+    trainer.fit(lm, dm)
+    # the input embeddings as the model now sees them: every text row exactly as before, the pause row trained
+    ids = torch.arange(len(lm.tokenizer))
+    after = lm.model.get_input_embeddings()(ids).detach()
+    text = ids != pause
+    assert torch.equal(after[text], emb_before[: len(ids)][text])
+    assert not torch.allclose(after[pause], emb_before[pause])
+    for k, v in lm.model.named_parameters():
+        if k in base_before:
+            assert torch.equal(v.detach(), base_before[k]), k  # the base model is frozen
+    # the checkpoint holds the adapters and their config: load_from_checkpoint rebuilds the same model
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    loaded = PauseTokenLM.load_from_checkpoint(tmp_path / "lora.ckpt")
+    assert loaded.peft_config is not None
+    assert loaded.generate(["12+3="], max_new_tokens=4) == lm.generate(["12+3="], max_new_tokens=4)
+    # a new stage from the LoRA checkpoint starts from the merged weights
+    merged = PauseTokenLM(model=str(tmp_path / "lora.ckpt"), num_pauses=3)
+    assert merged.generate(["12+3="], max_new_tokens=4) == lm.generate(["12+3="], max_new_tokens=4)
