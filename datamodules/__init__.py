@@ -23,6 +23,7 @@ _EXPORTS = {
     "SemiSupervisedDataModule": ".semi_supervised",
     "DeferralDataModule": ".cascade",
     "FailureModeDataModule": ".cascade",
+    "RetrievalDataModule": ".retrieval",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -27,6 +27,8 @@ _EXPORTS = {
     "RiskCoverage": ".metrics",
     "DeferralCurve": ".metrics",
     "SCODRisk": ".metrics",
+    "EmbeddingDistillationModule": ".embed_distill",
+    "SentenceEncoder": ".embed_distill",
 }
 
 __all__ = sorted(_EXPORTS)
