@@ -24,6 +24,7 @@ _EXPORTS = {
     "DeferralDataModule": ".cascade",
     "FailureModeDataModule": ".cascade",
     "RetrievalDataModule": ".retrieval",
+    "OODDataModule": ".ood",
 }
 
 __all__ = sorted(_EXPORTS)

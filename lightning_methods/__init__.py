@@ -29,6 +29,7 @@ _EXPORTS = {
     "SCODRisk": ".metrics",
     "EmbeddingDistillationModule": ".embed_distill",
     "SentenceEncoder": ".embed_distill",
+    "SelectiveOODModule": ".selective_ood",
 }
 
 __all__ = sorted(_EXPORTS)
