@@ -21,6 +21,8 @@ _EXPORTS = {
     "CounterexampleDataModule": ".private_features",
     "PretrainedFeaturesDataModule": ".private_features",
     "SemiSupervisedDataModule": ".semi_supervised",
+    "DeferralDataModule": ".cascade",
+    "FailureModeDataModule": ".cascade",
     "RetrievalDataModule": ".retrieval",
     "OODDataModule": ".ood",
     "LongTailedDataModule": ".long_tailed",

@@ -21,6 +21,7 @@ _EXPORTS = {
     "MixupConsistencyModule": ".mixup_consistency",
     "mixup": ".mixup",
     "ResMem": ".resmem",
+    "CascadeModule": ".cascade",
     "metrics": ".metrics",
     "WorstClassAccuracy": ".metrics",
     "RiskCoverage": ".metrics",

@@ -6,12 +6,14 @@ so a user's own modules work as well as ours.
 
 What the datamodule knows is linked into the model so a config never repeats it: ``num_classes`` into the
 module, and ``num_classes``, ``in_features``, ``in_channels`` and ``input_size`` into the injected backbone
-(``model``, ``student`` or ``teacher``) whenever both sides have the argument. Arguments left out or at their
+(``model``, ``student`` or ``teacher``), and into every backbone of a list of them (``models``, a cascade's),
+whenever both sides have the argument. Arguments left out or at their
 defaults are filled in; a value given by hand that contradicts the datamodule is an error, not silently overridden.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import re
@@ -23,12 +25,14 @@ import lightning.pytorch as pl
 import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-__all__ = ["LightningMethodsCLI", "cli_main", "main", "LINKED_ATTRIBUTES", "BACKBONE_ARGUMENTS"]
+__all__ = ["LightningMethodsCLI", "cli_main", "main", "LINKED_ATTRIBUTES", "BACKBONE_ARGUMENTS", "BACKBONE_LISTS"]
 
 #: datamodule attributes copied into models (when the datamodule defines them)
 LINKED_ATTRIBUTES = ("num_classes", "in_features", "in_channels", "input_size")
 #: names of the injected-backbone arguments that receive them
 BACKBONE_ARGUMENTS = ("model", "student", "teacher")
+#: names of list-of-backbones arguments (a cascade's ``models``) whose every entry receives them
+BACKBONE_LISTS = ("models",)
 
 
 def _config_mappings(args: Any) -> list[dict]:
@@ -132,6 +136,102 @@ def _link_targets(classes: dict[str, str | None]) -> dict[str, str]:
     return targets
 
 
+def _datamodule_from(mappings: list[dict]) -> Any:
+    """Build the datamodule a config chooses (``data: {class_path, init_args}``), or None when it names none."""
+    data: dict = {}
+    for mapping in mappings:
+        value = mapping.get("data")
+        if isinstance(value, str):
+            data = {"class_path": value}
+        elif isinstance(value, dict) and value.get("class_path"):
+            data = {"class_path": value["class_path"], "init_args": dict(value.get("init_args") or {})}
+        elif isinstance(value, dict) and data:
+            data["init_args"] = {**data.get("init_args", {}), **(value.get("init_args") or value)}
+    if not data:
+        return None
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--data", type=pl.LightningDataModule)
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    return instantiate(parser.parse_object({"data": data})).data
+
+
+def _list_entries(config: Any) -> list[dict]:
+    """The ``class_path`` entries of the backbone lists (``models``) of one config mapping."""
+    if not isinstance(config, dict):
+        return []
+    found = []
+    for mapping in (config, *(v for v in config.values() if isinstance(v, dict))):  # also `fit: {model: ...}`
+        model = mapping.get("model")
+        init_args = model.get("init_args", model) if isinstance(model, dict) else None
+        if isinstance(init_args, dict):
+            for name in BACKBONE_LISTS:
+                entries = init_args.get(name)
+                if isinstance(entries, list):
+                    found += [e for e in entries if isinstance(e, dict) and e.get("class_path")]
+    return found
+
+
+def _fill_entries(entries: list[dict], datamodule: Any) -> None:
+    for entry in entries:
+        given = entry.get("init_args")
+        if not isinstance(given, dict):
+            given = entry["init_args"] = {}
+        for attr in LINKED_ATTRIBUTES:
+            try:
+                value = getattr(datamodule, attr)
+            except Exception:  # e.g. `in_channels` of non-image data
+                continue
+            if value is None or not _accepts(entry["class_path"], attr):
+                continue
+            if given.get(attr) is not None and given[attr] != value:
+                raise ValueError(
+                    f"`{attr}={given[attr]}` of {entry['class_path']} in `models` contradicts the datamodule "
+                    f"({type(datamodule).__name__}.{attr} = {value}). The CLI links `{attr}` from the datamodule: "
+                    "remove it from your config."
+                )
+            given[attr] = value
+
+
+def _fill_backbone_lists(args: Any) -> Any:
+    """Write the datamodule's attributes into every entry of a list of backbones (``models``) in the config.
+
+    jsonargparse links one argument to one argument, not into the entries of a list, and it checks each entry's
+    required arguments while parsing, before any link applies. So the datamodule the config chooses is built here
+    first (datamodule constructors are cheap: no data is loaded) and its ``num_classes``, ``in_features``,
+    ``in_channels`` and ``input_size`` are written into each entry whose class takes them and that leaves them out;
+    an entry that gives a contradicting value is an error. Only the config changes: a dict is copied, a
+    ``--config`` file holding such a list is passed on as YAML text instead of its path.
+    """
+    if args is None:
+        return args
+    if isinstance(args, dict):
+        args = copy.deepcopy(args)
+        configs = [args]
+    else:
+        args = list(args)
+        configs = []
+        for i, arg in enumerate(args[:-1]):
+            if arg in ("--config", "-c") and Path(args[i + 1]).is_file():
+                loaded = yaml.safe_load(Path(args[i + 1]).read_text())
+                if _list_entries(loaded):
+                    configs.append((i + 1, loaded))
+        if not configs:
+            return args
+    entries = [e for c in configs for e in _list_entries(c if isinstance(c, dict) else c[1])]
+    if not entries:
+        return args
+    datamodule = _datamodule_from(_config_mappings(args))
+    if datamodule is None:
+        return args
+    _fill_entries(entries, datamodule)
+    if not isinstance(args, dict):
+        for index, loaded in configs:
+            args[index] = yaml.safe_dump(loaded, sort_keys=False)
+    return args
+
+
 class LightningMethodsCLI(LightningCLI):
     """LightningCLI with datamodule-to-model links and an optional test run after ``fit``.
 
@@ -142,8 +242,22 @@ class LightningMethodsCLI(LightningCLI):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raw = kwargs.get("args")
-        self._link_map = _link_targets(_peek_classes(sys.argv[1:] if raw is None else raw))
+        if raw is None:
+            raw = sys.argv[1:]
+        raw = _fill_backbone_lists(raw)
+        # the console's own arguments, rewritten (a list of backbones filled in): not the mix of `args` and command
+        # line arguments LightningCLI warns about
+        self._rewrote_argv = kwargs.get("args") is None and raw != sys.argv[1:]
+        if kwargs.get("args") is not None or self._rewrote_argv:
+            kwargs["args"] = raw
+        self._link_map = _link_targets(_peek_classes(raw))
         super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        if getattr(self, "_rewrote_argv", False):
+            self.config = parser.parse_args(args)
+        else:
+            super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         for target, attr in self._link_map.items():
