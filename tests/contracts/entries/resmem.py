@@ -15,7 +15,8 @@ def net(in_features: int = 64, num_classes: int = 10) -> MLP:
 
 
 def resmem(model: nn.Module | None = None, num_classes: int = 10, **kwargs) -> ResMem:
-    args = dict(k=5, optimizer=adam(1e-2), tune_on_val=True, tune_grid={"k": [1, 5], "sigma": [0.05, 0.5]})
+    # tuning picks k and sigma off the constructor's values, so a reload that lost them predicts differently
+    args = dict(k=3, sigma=0.2, optimizer=adam(1e-2), tune_on_val=True, tune_grid={"k": [1, 5], "sigma": [0.05, 0.5]})
     return ResMem(model or net(), num_classes, **{**args, **kwargs})
 
 
