@@ -109,6 +109,14 @@ CLAIMS: dict[str, Callable[[list[str]], None]] = {
 EXAMPLES = _examples()
 
 
+def test_ci_runs_exactly_the_readme_commands():
+    """`.ci/run` is the README's install command and test command, nothing else (so CI tests what users run)."""
+    head = README.read_text().split("---", 1)[0]
+    commands = [block.strip() for block in re.findall(r"```bash\n(.*?)```", head, re.DOTALL)]
+    ci = [line for line in (README.parent / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert commands and ci == commands, (ci, commands)
+
+
 def test_readme_has_examples_and_each_states_what_it_prints():
     names = [name for name, _ in EXAMPLES]
     assert "foundation-0" in names
