@@ -7,6 +7,11 @@ Trainer loop's cost from logging's. Timing is
 steady-state time per step (timestamps after each step, the first `--warmup` steps dropped), the two loops
 interleaved in each repeat so machine noise hits both alike; the result is a ratio measured in one run.
 
+A second table times the data path alone: one epoch of our datamodule's training loader (the batched fetch of
+`BatchedArrayDataset`: one index operation per batch) against a `TensorDataset` + default `DataLoader` over the same
+arrays (an index and a collate per example), interleaved. Both loops of the first table read the datamodule's
+loader, so they share the fast path.
+
     python benchmarks/overhead.py                 # full run, writes benchmarks/results/overhead.md
     python benchmarks/overhead.py --quick         # smoke run
 """
@@ -25,7 +30,9 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torchmetrics.classification import MulticlassAccuracy
 
-from datamodules import DigitsDataModule, MNISTDataModule
+from torch.utils.data import DataLoader, TensorDataset
+
+from datamodules import DigitsDataModule, MNIST1DDataModule, MNISTDataModule
 from lightning_methods import ClassifierModule
 from lightning_methods.nets import MLP, SmallCNN
 
@@ -134,19 +141,49 @@ def run(setting: str, steps: int, repeats: int, warmup: int) -> dict:
     }
 
 
+def _epoch_time(loader: DataLoader) -> tuple[float, int]:
+    start = time.perf_counter()
+    batches = sum(1 for _ in loader)
+    return time.perf_counter() - start, batches
+
+
+def data_path(setting: str, repeats: int) -> dict:
+    """One epoch of the datamodule's loader vs TensorDataset + default DataLoader over the same arrays."""
+    dm = DigitsDataModule(batch_size=64) if setting == "digits" else MNIST1DDataModule(batch_size=64)
+    dm.setup("fit")
+    x, y = dm.splits["train"]
+    loaders = {"ours": dm.train_dataloader(), "tensordataset": DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)}
+    times: dict[str, list[float]] = {name: [] for name in loaders}
+    batches = 0
+    for r in range(repeats):
+        for name in (("ours", "tensordataset") if r % 2 == 0 else ("tensordataset", "ours")):
+            seconds, batches = _epoch_time(loaders[name])
+            times[name].append(seconds)
+    ours, ref = statistics.median(times["ours"]), statistics.median(times["tensordataset"])
+    ratios = [t / o for t, o in zip(times["tensordataset"], times["ours"])]
+    print(f"data {setting}: ours {1e3 * ours:.2f} ms/epoch, TensorDataset {1e3 * ref:.2f} ms/epoch ({ref / ours:.2f}x)")
+    return {
+        "setting": setting, "rows": len(y), "batches": batches, "ours_ms": 1e3 * ours, "ref_ms": 1e3 * ref,
+        "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+    }
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--settings", nargs="+", default=["mlp-digits", "cnn-mnist"], choices=["mlp-digits", "cnn-mnist"])
+    parser.add_argument("--data-settings", nargs="*", default=["digits", "mnist1d"], choices=["digits", "mnist1d"])
+    parser.add_argument("--data-repeats", type=int, default=21)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (no results file)")
     parser.add_argument("--out", type=Path, default=RESULTS / "overhead.md")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.warmup, args.repeats = 12, 2, 1
+        args.steps, args.warmup, args.repeats, args.data_repeats = 12, 2, 1, 2
     torch.set_num_threads(1)
     rows = [run(s, args.steps, args.repeats, args.warmup) for s in args.settings]
+    data_rows = [data_path(s, args.data_repeats) for s in args.data_settings]
     lines = [
         f"Steady-state time per training step, {args.steps} steps ({args.warmup} warm-up dropped), batch 64, one CPU "
         f"thread, median of {args.repeats} interleaved repeats (min-max of the per-repeat ratio in brackets).",
@@ -161,12 +198,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{row['ratio']:.3f} ({row['ratio_min']:.3f}-{row['ratio_max']:.3f}) | {row['nolog_ratio']:.3f} | "
             f"{row['e2e']:.2f}x |"
         )
+    if data_rows:
+        lines += [
+            "",
+            f"Data path alone: one training epoch (batch 64, shuffled), median of {args.data_repeats} interleaved "
+            "epochs (min-max of the per-epoch speed-up in brackets).",
+            "",
+            "| data | rows | batches | our datamodule's loader (ms/epoch) | TensorDataset + DataLoader (ms/epoch) | "
+            "speed-up (goal >= 1.5x) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in data_rows:
+            lines.append(
+                f"| {row['setting']} | {row['rows']} | {row['batches']} | {row['ours_ms']:.2f} | {row['ref_ms']:.2f} | "
+                f"{row['speedup']:.2f}x ({row['speedup_min']:.2f}-{row['speedup_max']:.2f}) |"
+            )
     table = "\n".join(lines)
     print(table)
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(table + "\n")
-    return rows
+    return rows + data_rows
 
 
 if __name__ == "__main__":

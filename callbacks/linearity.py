@@ -29,7 +29,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from callbacks.mixup import sample_mixing
+from lightning_methods._layers import capture_layers, layer_output, resolve_layer
+from lightning_methods.mixup import sample_mixing
 
 __all__ = ["LinearityCallback", "interpolation_deviation", "plot_linearity", "OUTPUT_NAMES"]
 
@@ -39,23 +40,10 @@ OUTPUT_NAMES = ("logits", "probs")
 
 def _resolve_layers(module: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
     """Submodules by name: a full name under ``module``, or a name under its ``model`` (the injected backbone)."""
-    modules = dict(module.named_modules())
-    resolved = {}
     for name in layers:
         if name in OUTPUT_NAMES:
             raise ValueError(f"Layer name {name!r} is reserved for the output; name a submodule instead.")
-        found = modules.get(name)
-        if found is None and "model" in modules:
-            found = modules.get(f"model.{name}")
-        if found is None:
-            candidates = [n for n in modules if n and not n.startswith("teacher")]
-            shown = ", ".join(candidates[:25]) + (" ..." if len(candidates) > 25 else "")
-            raise ValueError(
-                f"LinearityCallback: `layers` names {name!r}, which is not a submodule of "
-                f"{type(module).__name__}. Available: {shown}."
-            )
-        resolved[name] = found
-    return resolved
+    return {name: resolve_layer(module, name, arg="LinearityCallback(layers)", under="model") for name in layers}
 
 
 @torch.no_grad()
@@ -85,23 +73,10 @@ def interpolation_deviation(
         ratios, so shards of the tuples (DDP ranks) can be added before dividing.
     """
     targets = _resolve_layers(module, layers)
-    captured: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def fn(_module: nn.Module, _args: Any, out: Any) -> None:
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(
-                    f"LinearityCallback: layer {name!r} returns {type(out).__name__}, not a tensor; name a submodule "
-                    "that returns one tensor (e.g. a block inside it)."
-                )
-            captured[name] = out
-        return fn
-
-    handles = [m.register_forward_hook(hook(name)) for name, m in targets.items()]
     names = list(targets) + (list(OUTPUT_NAMES) if output else [])
     sums = {name: torch.zeros(2, dtype=torch.float64, device=inputs.device) for name in names}
     k = index.shape[1]
-    try:
+    with capture_layers(targets) as captured:
         for start in range(0, len(index), batch_size):
             idx, weights = index[start : start + batch_size], lam[start : start + batch_size]
             b = len(idx)
@@ -109,7 +84,10 @@ def interpolation_deviation(
             def features(x: torch.Tensor) -> dict[str, torch.Tensor]:
                 captured.clear()
                 out = module(x)
-                feats = {name: captured[name].reshape(len(x), -1).double() for name in targets}
+                feats = {
+                    name: layer_output(captured, name, layer, module, len(x), "LinearityCallback(layers)").reshape(len(x), -1).double()
+                    for name, layer in targets.items()
+                }
                 if output:
                     if not isinstance(out, torch.Tensor) or out.ndim != 2:
                         raise TypeError(
@@ -131,9 +109,6 @@ def interpolation_deviation(
                 h_bar = (w * h_end).sum(1)  # sum_m lam_m h(x_m)
                 sums[name][0] += (mixed[name] - h_bar).pow(2).sum()
                 sums[name][1] += (w * (h_end - h_bar.unsqueeze(1)).pow(2)).sum()
-    finally:
-        for handle in handles:
-            handle.remove()
     return sums
 
 

@@ -1,8 +1,8 @@
-"""k-point mixup as a drop-in Lightning Callback.
+"""k-point mixup and CutMix as a drop-in Lightning Callback.
 
-Paper: Chaudhry, Menon, Veit, Jayasumana, Ramalingam, Kumar, *When does mixup promote local linearity in learned
+Papers: Chaudhry, Menon, Veit, Jayasumana, Ramalingam, Kumar, *When does mixup promote local linearity in learned
 representations?* (arXiv 2210.16413), building on Zhang et al., *mixup: Beyond Empirical Risk Minimization*
-(arXiv 1710.09412).
+(arXiv 1710.09412); Yun et al., *CutMix* (arXiv 1905.04899); label smoothing from Szegedy et al. (arXiv 1512.00567).
 
 k-point mixup (Chaudhry et al., Sec. 3) draws weights ``lam ~ Dirichlet(alpha * 1_k)`` (for ``k = 2`` this is
 Zhang et al.'s ``lam ~ Beta(alpha, alpha)``), pairs every example with ``k - 1`` partners taken from random
@@ -12,15 +12,16 @@ permutations of the batch, and trains on
 
 with ``pi_0`` the identity. The supervised loss is the cross-entropy against the soft target ``y_mix``, so any
 LightningModule whose training loss accepts probability-vector targets (``F.cross_entropy`` does) trains with
-mixup without knowing about it.
+mixup without knowing about it. CutMix, the probability of mixing, switching mixing off from an epoch and label
+smoothing follow ``timm.data.Mixup``.
 
-The functions :func:`sample_mixing` and :func:`mix` hold the math; :func:`mixup` mixes one ``(inputs, targets)``
-pair (for batches the callback cannot mix in place); :class:`MixupCallback` applies it to every training batch.
+The math lives in :mod:`lightning_methods.mixup` (shared with ``MixupConsistencyModule``); its names are
+re-exported here for code written against ``callbacks.mixup``. :class:`MixupCallback` applies it to every training
+batch.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import MutableMapping, MutableSequence
 from typing import Any
 
@@ -31,234 +32,21 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_methods._utils import check_num_classes
+from lightning_methods.mixup import (  # noqa: F401  (re-exported: callbacks.mixup's names before the move)
+    MixingSampler,
+    _finite_batches,
+    check_mixing_args,
+    mix,
+    mix_inputs,
+    mix_targets,
+    mixup,
+    sample_mixing,
+    smooth_targets,
+    soft_targets,
+    switch_mixing,
+)
 
 __all__ = ["MixupCallback", "MixingSampler", "mixup", "sample_mixing", "mix", "mix_targets"]
-
-
-# -- the math -----------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=64)
-def _cyclic_table(n: int, k: int) -> np.ndarray:
-    return (np.arange(n)[:, None] + np.arange(k)[None, :]) % n
-
-
-def _partners(n: int, k: int, rng: np.random.Generator, distinct: bool, batches: int = 1) -> np.ndarray:
-    """Indices ``(batches, n, k)``: column 0 the identity, columns 1.. random permutations (see sample_mixing)."""
-    rows = np.arange(batches)[:, None]
-    if distinct:
-        # walk one random cyclic order of the batch: example order[j] is mixed with order[j+1], ..., order[j+k-1]
-        orders = rng.permuted(np.tile(np.arange(n), (batches, 1)), axis=1)
-        index = np.empty((batches, n, k), dtype=np.int64)
-        index[rows, orders] = orders[:, _cyclic_table(n, k)]
-        return index
-    index = np.empty((batches, n, k), dtype=np.int64)
-    index[:, :, 0] = np.arange(n)
-    for m in range(1, k):
-        index[:, :, m] = rng.permuted(np.tile(np.arange(n), (batches, 1)), axis=1)
-    return index
-
-
-def sample_mixing(
-    batch_size: int,
-    num_points: int,
-    alpha: float,
-    rng: np.random.Generator,
-    per_sample: bool = True,
-    distinct_partners: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Draw k-point mixup weights and partners for a batch (Chaudhry et al. 2022, Sec. 3).
-
-    Args:
-        batch_size: number of examples ``N`` in the batch.
-        num_points: ``k``, the number of examples mixed into each output (2 is classic mixup).
-        alpha: Dirichlet concentration; ``lam ~ Dirichlet(alpha * 1_k)``.
-        rng: the numpy generator every draw comes from (seeded by the caller, so runs are reproducible).
-        per_sample: one weight vector per example (``(N, k)``) or one for the whole batch (``(1, k)``).
-        distinct_partners: take the ``k - 1`` partners as the next ``k - 1`` examples of one random cyclic order of
-            the batch, so no example is paired with itself or twice with the same partner (whenever ``N >= k``);
-            each partner column is still a uniformly random permutation. ``False`` draws ``k - 1`` independent
-            permutations as Zhang et al. and ICT do, where an example is its own partner with probability ``1/N``
-            and that part of the mix is wasted, which matters for small batches.
-
-    Returns:
-        ``(lam, index)``: weights of shape ``(N, k)`` or ``(1, k)`` (rows sum to one) and int64 indices ``(N, k)``
-        with ``index[:, 0] = arange(N)``; output ``i`` mixes examples ``index[i, 0], ..., index[i, k-1]``.
-    """
-    n, k = int(batch_size), int(num_points)
-    lam = rng.dirichlet(np.full(k, float(alpha)), size=n if per_sample else 1)
-    return lam, _partners(n, k, rng, distinct_partners)[0]
-
-
-class MixingSampler:
-    """:func:`sample_mixing` for a stream of batches, as torch tensors, cheaply.
-
-    Weights and partner indices are drawn in pools (a few numpy calls per pool instead of per batch) and kept as
-    tensors, so a batch costs two slices. When the number of batches to come is known (``num_batches``, e.g. the
-    epoch's), the first pools cover exactly those batches (up to ``pool_size`` examples): one draw per epoch, and
-    none wasted. Otherwise pools start small and double up to ``pool_size`` examples, so a short stream does not pay
-    for draws it never uses. Running statistics of the weights handed out are kept on the side.
-
-    Args:
-        num_points: ``k``.
-        alpha: Dirichlet concentration.
-        rng: the generator (its draws, hence the whole stream, are reproducible).
-        per_sample: one weight vector per example or per batch.
-        distinct_partners: see :func:`sample_mixing`.
-        pool_size: the largest pool, in examples.
-        num_batches: how many batches the stream will serve, if known (sizes the pools; the draws stay a function
-            of the generator and of this number).
-    """
-
-    def __init__(
-        self,
-        num_points: int,
-        alpha: float,
-        rng: np.random.Generator,
-        per_sample: bool = True,
-        distinct_partners: bool = True,
-        pool_size: int = 4096,
-        num_batches: int | None = None,
-    ) -> None:
-        self.k, self.alpha, self.rng = num_points, float(alpha), rng
-        self._next_rows = 128  # size of the next weight pool when num_batches is unknown (doubles up to pool_size)
-        self.num_batches = num_batches
-        self._served = 0  # batches served so far
-        self.per_sample, self.distinct_partners, self.pool_size = per_sample, distinct_partners, pool_size
-        self._pool_np = np.empty((0, num_points))
-        self._pool = torch.empty(0, num_points)
-        self._pos = self._pool_len = 0  # plain ints: len() of a tensor costs microseconds on the hot path
-        self._partner_pools: dict[int, list] = {}  # batch size -> [M index views (n, k), next batch, next M, M]
-        self._batch_sizes: list[int] = []  # per-batch mode: the size each row of the pool was used for
-        self._done = np.zeros(2)  # (sum of largest weight, sum of own weight) over pools already used up
-        #: number of examples mixed so far
-        self.count = 0
-
-    def _consumed(self) -> np.ndarray:
-        used = self._pool_np[: self._pos]
-        weights = np.asarray(self._batch_sizes[-self._pos :] if self._pos else [], dtype=float)
-        if self.per_sample:
-            weights = np.ones(self._pos)
-        return np.array([weights @ used.max(1), weights @ used[:, 0]]) if self._pos else np.zeros(2)
-
-    @property
-    def sum_max(self) -> float:
-        """Sum over the examples mixed so far of their largest weight."""
-        return float(self._done[0] + self._consumed()[0])
-
-    @property
-    def sum_self(self) -> float:
-        """Sum over the examples mixed so far of the weight each kept of itself."""
-        return float(self._done[1] + self._consumed()[1])
-
-    def _batches_left(self) -> int | None:
-        return None if self.num_batches is None else max(1, self.num_batches - self._served)
-
-    def _refill(self, rows: int) -> None:
-        self._done += self._consumed()  # statistics are computed once per pool, not per batch
-        left = self._batches_left()
-        if left is not None:  # the rest of the stream, as far as pool_size allows
-            size = max(rows, min(left * rows, self.pool_size))
-        else:
-            size = max(rows, self._next_rows)
-            self._next_rows = min(2 * self._next_rows, self.pool_size)
-        self._pool_np = self.rng.dirichlet(np.full(self.k, self.alpha), size=size)
-        # stored as (k, rows) so that a batch's column lam[:, m] is a contiguous slice
-        self._pool = torch.from_numpy(np.ascontiguousarray(self._pool_np.T, dtype=np.float32)).T
-        self._pos, self._pool_len = 0, size
-
-    def __call__(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weights ``(n, k)`` (or ``(1, k)`` per batch), float32, and partner indices ``(n, k)``, int64, on the CPU."""
-        rows = n if self.per_sample else 1
-        if self._pos + rows > self._pool_len:
-            self._refill(rows)
-        lam = self._pool[self._pos : self._pos + rows]
-        self._pos += rows
-        self.count += n
-        if not self.per_sample:
-            self._batch_sizes.append(n)
-        pool = self._partner_pools.get(n)
-        if pool is None or pool[1] == pool[3]:
-            most = max(1, self.pool_size // max(n, 1))
-            left = self._batches_left()
-            batches = min(left, most) if left is not None else (2 if pool is None else pool[2])
-            indices = _partners(n, self.k, self.rng, self.distinct_partners, batches)
-            # (batches, k, n) storage: a batch's partner column index[:, m] is contiguous; one unbind makes every
-            # batch's (n, k) view at once, so a batch costs a tuple lookup rather than two tensor ops
-            indices = torch.from_numpy(np.ascontiguousarray(indices.transpose(0, 2, 1))).transpose(1, 2).unbind(0)
-            pool = self._partner_pools[n] = [indices, 0, min(2 * batches, most), batches]
-        index = pool[0][pool[1]]
-        pool[1] += 1
-        self._served += 1
-        return lam, index
-
-
-def mix(tensor: torch.Tensor, lam: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``out[i] = sum_m lam[i, m] * tensor[index[i, m]]`` for any tensor whose first dimension is the batch.
-
-    ``lam`` is ``(N, k)`` or ``(1, k)`` on ``tensor``'s device, rows summing to one; ``index`` is ``(N, k)`` with
-    ``index[:, 0]`` the identity (as :func:`sample_mixing` returns), so the first term needs no gather. A new tensor
-    is returned; the input is left untouched (unlike timm's ``Mixup``, which overwrites the batch).
-    """
-    # index_select is several times cheaper than advanced indexing for tiny batches, where per-op cost dominates
-    shape = (lam.shape[0],) + (1,) * (tensor.ndim - 1)
-    if index.shape[1] == 2:  # lam_0 x + lam_1 x_pi = x_pi + lam_0 (x - x_pi): one gather, one fused op
-        return torch.lerp(tensor.index_select(0, index[:, 1]), tensor, lam[:, 0].reshape(shape))
-    out = tensor * lam[:, 0].reshape(shape)
-    for m in range(1, index.shape[1]):
-        out.addcmul_(tensor.index_select(0, index[:, m]), lam[:, m].reshape(shape))
-    return out
-
-
-def mix_targets(
-    targets: torch.Tensor, lam: torch.Tensor, index: torch.Tensor, num_classes: int | None = None
-) -> torch.Tensor:
-    """Soft targets ``sum_m lam_m onehot(y_m)`` from class indices ``(N,)`` or mixed soft targets ``(N, C)``."""
-    if targets.is_floating_point():
-        return mix(targets, lam if lam.dtype == targets.dtype else lam.to(targets.dtype), index)
-    if num_classes is None:
-        raise ValueError("Integer class-index targets need `num_classes` to become soft mixup targets.")
-    n, k = index.shape
-    lam = lam if lam.dtype == torch.float32 else lam.float()
-    out = torch.zeros(n, num_classes, dtype=torch.float32, device=targets.device)
-    # one scatter: each output row receives weight lam[i, m] at class y[index[i, m]]
-    return out.scatter_add_(1, targets.take(index), lam.expand(n, k))
-
-
-def mixup(
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    num_classes: int | None = None,
-    alpha: float = 1.0,
-    num_points: int = 2,
-    per_sample: bool = True,
-    distinct_partners: bool = True,
-    rng: np.random.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mix one batch: returns ``(mixed_inputs, soft_targets, lam)`` as new tensors (``lam`` is ``(N, k)``).
-
-    The functional form of :class:`MixupCallback`, for code that cannot use the callback (a tuple batch, a loss
-    computed on a sub-batch). ``rng`` defaults to a generator seeded from torch's global generator.
-
-    Example::
-
-        >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 1, 0])
-        >>> x_mix, y_mix, lam = mixup(x, y, num_classes=3, num_points=3, rng=np.random.default_rng(0))
-        >>> x_mix.shape, y_mix.shape, bool(torch.allclose(y_mix.sum(1), torch.ones(5)))
-        (torch.Size([5, 3]), torch.Size([5, 3]), True)
-    """
-    if rng is None:
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
-    lam_np, index_np = sample_mixing(len(inputs), num_points, alpha, rng, per_sample, distinct_partners)
-    dtype = inputs.dtype if inputs.is_floating_point() else torch.float32
-    lam = torch.from_numpy(lam_np).to(device=inputs.device, dtype=dtype)
-    index = torch.from_numpy(index_np).to(inputs.device)
-    return mix(inputs, lam, index), mix_targets(targets, lam, index, num_classes), lam.expand(len(inputs), num_points)
-
-
-# -- the callback -------------------------------------------------------------------------------------------------
-def _finite_batches(trainer: pl.Trainer) -> int | None:
-    """Training batches in this epoch, or None when unknown (an iterable dataset without a length)."""
-    batches = trainer.num_training_batches
-    return int(batches) if isinstance(batches, (int, float)) and 0 < batches < float("inf") else None
 
 
 _BATCH_FIX = (
@@ -267,12 +55,12 @@ _BATCH_FIX = (
     "collate_fn (PyTorch's default collate turns `(x, y)` samples into a list), or convert it in your "
     "LightningModule, which runs before this callback: `def on_after_batch_transfer(self, batch, dataloader_idx): "
     "return list(batch)` (for a NamedTuple: `return batch._asdict()` and set `input_key` / `target_key`). "
-    "Or call `callbacks.mixup.mixup(x, y, ...)` in your own training_step instead of using the callback."
+    "Or call `lightning_methods.mixup.mixup(x, y, ...)` in your own training_step instead of using the callback."
 )
 
 
 class MixupCallback(Callback):
-    r"""k-point mixup of every training batch, for any LightningModule whose loss accepts soft targets.
+    r"""k-point mixup (and CutMix) of every training batch, for any LightningModule whose loss accepts soft targets.
 
     Before each training step the callback replaces the batch's inputs ``x`` by ``sum_m lam_m x_{pi_m}`` and its
     targets by ``sum_m lam_m onehot(y_{pi_m})`` (Chaudhry et al. 2022, Sec. 3; Zhang et al. 2018, Eq. 1), with
@@ -280,6 +68,23 @@ class MixupCallback(Callback):
     permutations of the batch. Validation, test and predict batches are never touched (the callback acts only in
     ``on_train_batch_start``). The module needs no change as long as its training loss takes probability-vector
     targets: ``F.cross_entropy(logits, targets)`` does, as does :class:`~lightning_methods.ClassifierModule`.
+
+    What timm users know from ``timm.data.Mixup`` (same names, same meaning; per example when ``per_sample``, as
+    timm's ``mode="elem"``, else per batch, as ``mode="batch"``):
+
+    * **CutMix** (``cutmix_alpha > 0``; Yun et al. 2019, Sec. 3.1): with probability ``switch_prob`` an example
+      (or batch) gets a box of its partner pasted in instead of a blend; ``lam ~ Beta(cutmix_alpha, cutmix_alpha)``
+      sets the box size, and the targets use the *real* (border-clipped) box area. Boxes are timm's ``rand_bbox``
+      given the same ``lam`` and centre. Two points only: k-point CutMix has no canonical form (see
+      :mod:`lightning_methods.mixup`), so ``num_points > 2`` with CutMix is refused. CutMix alone:
+      ``switch_prob=1.0``.
+    * **prob**: the probability that an example (or batch) is mixed at all; the others keep their inputs.
+    * **off_epoch**: no mixing from this (0-based) epoch on, as timm's training script's ``mixup_off_epoch``.
+    * **label_smoothing**: targets ``(1 - eps) y + eps / C``.
+
+    Whenever the callback is attached, every training batch's targets become soft ``(N, C)`` targets (smoothed when
+    ``label_smoothing > 0``), whether or not the batch's inputs are mixed (as timm does), so a module sees one kind
+    of target throughout training.
 
     Supported batch forms (checked on the first batch, before the first training step):
 
@@ -293,33 +98,42 @@ class MixupCallback(Callback):
     assign into it. Tuples, NamedTuples, bare tensors and other immutable containers raise a ``TypeError`` that
     names the fix (return a list, or convert it in the module's ``on_after_batch_transfer``).
 
-    Inputs must be floating tensors whose first dimension is the batch. Targets are class indices ``(N,)``
-    (turned into soft ``(N, C)`` targets; needs ``num_classes``, taken from the datamodule or module when not
-    given) or soft targets ``(N, C)`` (mixed as they are). Odd and size-1 batches are fine: partners come from
-    permutations, not from ``flip(0)`` as in timm; a size-1 batch mixes the example with itself (its target just
-    becomes one-hot).
+    Inputs must be floating tensors whose first dimension is the batch (CutMix: ``(N, ..., H, W)``, boxes cut the
+    last two dimensions). Targets are class indices ``(N,)`` (turned into soft ``(N, C)`` targets; needs
+    ``num_classes``, taken from the datamodule or module when not given) or soft targets ``(N, C)`` (mixed as they
+    are). Odd and size-1 batches are fine: partners come from permutations, not from ``flip(0)`` as in timm; a
+    size-1 batch mixes the example with itself (its target just becomes one-hot).
 
-    Randomness comes from a numpy generator keyed by ``(seed, global rank, epoch)``, so runs are reproducible,
+    Randomness comes from numpy generators keyed by ``(seed, global rank, epoch)``, so runs are reproducible,
     DDP ranks draw different weights, and a run resumed from an end-of-epoch checkpoint continues exactly as the
-    uninterrupted run would (the resolved seed is stored in the checkpoint).
+    uninterrupted run would (the resolved seed and ``off_epoch`` are stored in the checkpoint; the epoch decides
+    whether mixing is off, so a resumed run past ``off_epoch`` stays unmixed).
 
-    Logged each epoch: ``mixup/lam_max`` (mean largest weight of a mixed example: ``1`` is no mixing, ``1/k`` a
-    uniform mix) and ``mixup/lam_self`` (mean weight an example keeps of itself; ``1/k`` in expectation).
+    Logged each epoch in which mixing is on: ``mixup/lam_max`` (mean largest weight of a training example: ``1`` is
+    no mixing, ``1/k`` a uniform mix), ``mixup/lam_self`` (mean weight an example keeps of itself; ``1/k`` in
+    expectation) and, with CutMix, ``mixup/cut_fraction`` (share of examples cut rather than blended).
 
     Args:
-        alpha: Dirichlet concentration (``alpha > 0``); ``alpha = 1`` draws uniformly from the simplex, small
-            values give mixes close to one example.
+        alpha: Dirichlet concentration of mixup (``alpha > 0``); ``alpha = 1`` draws uniformly from the simplex,
+            small values give mixes close to one example.
         num_points: ``k``, how many examples are mixed into each training example (2 is classic mixup).
         num_classes: number of classes for class-index targets; ``None`` takes ``num_classes`` from the datamodule
             (or, failing that, the LightningModule) at setup.
-        per_sample: one ``lam`` per example (Chaudhry et al.) or one per batch (Zhang et al., timm's default).
-        distinct_partners: no self-pairs or repeated partners (see :func:`sample_mixing`); ``False`` for
-            independent permutations as in the reference implementations.
+        per_sample: one ``lam`` (and one CutMix/prob decision) per example (Chaudhry et al.; timm's ``elem`` mode)
+            or one per batch (Zhang et al.; timm's default ``batch`` mode).
+        distinct_partners: no self-pairs or repeated partners (see :func:`~lightning_methods.mixup.sample_mixing`);
+            ``False`` for independent permutations as in the reference implementations.
         input_key: index (list batch) or key (dict batch) of the inputs.
         target_key: index or key of the targets.
         seed: seed of the mixing draws; ``None`` uses ``torch.initial_seed()`` at the start of ``fit`` (the seed
             ``seed_everything`` set).
-        log_stats: log the lambda statistics above.
+        log_stats: log the statistics above.
+        cutmix_alpha: Beta concentration of CutMix (timm's ``cutmix_alpha``; the paper uses 1); 0 disables CutMix.
+        switch_prob: probability of CutMix instead of mixup when ``cutmix_alpha > 0`` (1.0: CutMix only).
+        prob: probability of mixing an example (or batch) at all (timm's ``prob``).
+        off_epoch: first epoch (0-based ``trainer.current_epoch``) without mixing; ``None`` mixes in every epoch.
+        label_smoothing: ``eps`` of the label smoothing of the targets; do not also smooth in the loss (a warning
+            says so when the module has ``label_smoothing > 0``).
 
     Note:
         Metrics computed on training targets inside ``training_step`` (e.g. a torchmetrics ``Accuracy`` called with
@@ -335,6 +149,8 @@ class MixupCallback(Callback):
         >>> from lightning_methods.nets import MLP
         >>> trainer = pl.Trainer(max_epochs=1, callbacks=[MixupCallback(alpha=1.0, num_points=3)])  # doctest: +SKIP
         >>> trainer.fit(ClassifierModule(MLP(64, 10), num_classes=10), DigitsDataModule())  # doctest: +SKIP
+        >>> # timm's Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, label_smoothing=0.1):
+        >>> cb = MixupCallback(alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1, per_sample=False)
     """
 
     def __init__(
@@ -348,18 +164,25 @@ class MixupCallback(Callback):
         target_key: int | str = 1,
         seed: int | None = None,
         log_stats: bool = True,
+        cutmix_alpha: float = 0.0,
+        switch_prob: float = 0.5,
+        prob: float = 1.0,
+        off_epoch: int | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"`alpha` must be a positive number (the Dirichlet concentration), got {alpha!r}.")
-        if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
-            raise ValueError(f"`num_points` must be an integer >= 2 (examples mixed per output), got {num_points!r}.")
+        check_mixing_args(alpha, num_points, cutmix_alpha, switch_prob, prob, label_smoothing)
         if num_classes is not None:
             check_num_classes(num_classes)
         if input_key == target_key:
             raise ValueError(f"`input_key` and `target_key` must differ, both are {input_key!r}.")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"`seed` must be an integer or None, got {seed!r}.")
+        if off_epoch is not None and (isinstance(off_epoch, bool) or not isinstance(off_epoch, int) or off_epoch < 0):
+            raise ValueError(
+                f"`off_epoch` must be None (mix in every epoch) or an integer >= 0 (the first epoch without mixing), "
+                f"got {off_epoch!r}."
+            )
         self.alpha = float(alpha)
         self.num_points = num_points
         self.num_classes = num_classes
@@ -369,12 +192,25 @@ class MixupCallback(Callback):
         self.target_key = target_key
         self.seed = seed
         self.log_stats = log_stats
+        self.cutmix_alpha = float(cutmix_alpha)
+        self.switch_prob = float(switch_prob)
+        self.prob = float(prob)
+        self.off_epoch = off_epoch
+        self.label_smoothing = float(label_smoothing)
+        # CutMix and prob go through _mix_switched; plain mixup (with or without smoothing) keeps its short hot path
+        self._switched = self.cutmix_alpha > 0 or self.prob < 1
         self._resolved_seed: int | None = seed
+        # the key predates CutMix & co.: unchanged, so checkpoints written before them still resume
         self._state_key = self._generate_state_key(alpha=self.alpha, num_points=num_points, per_sample=per_sample)
         self._sampler: MixingSampler | None = None
+        self._switch_rng: np.random.Generator | None = None
+        self._epoch_ready = False
+        self._mixing = True  # False from off_epoch on
+        self._plain = not self._switched
+        self._stats = np.zeros(4)  # switched path: sums of largest weight, own weight, cut examples; examples
         self._checked = False
         self.num_mixed_batches = 0
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last: tuple[torch.Tensor, ...] | None = None
 
     @property
     def state_key(self) -> str:
@@ -393,35 +229,93 @@ class MixupCallback(Callback):
                 f"{data_classes} classes. Set `num_classes={data_classes}` or leave it None to take it from the data."
             )
         self._classes = self.num_classes or data_classes or getattr(pl_module, "num_classes", None)
+        module_smoothing = getattr(pl_module, "label_smoothing", 0.0)
+        if self.label_smoothing > 0 and isinstance(module_smoothing, (int, float)) and module_smoothing > 0:
+            rank_zero_warn(
+                f"MixupCallback(label_smoothing={self.label_smoothing}) smooths the targets and "
+                f"{type(pl_module).__name__}(label_smoothing={module_smoothing}) smooths them again in its loss. "
+                "Smooth in one place: set one of the two to 0."
+            )
+        max_epochs = trainer.max_epochs
+        if self.off_epoch is not None and max_epochs is not None and 0 < max_epochs <= self.off_epoch:
+            rank_zero_warn(
+                f"MixupCallback(off_epoch={self.off_epoch}) never switches mixing off in a run of "
+                f"max_epochs={max_epochs} (epochs are numbered from 0)."
+            )
         self._checked = False
+        self._epoch_ready = False
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A stream per (seed, rank, epoch): ranks differ, and resuming at an epoch boundary replays exactly.
-        rng = np.random.default_rng([self._resolved_seed, trainer.global_rank, trainer.current_epoch])
-        self._sampler = MixingSampler(
-            self.num_points, self.alpha, rng, self.per_sample, self.distinct_partners,
-            num_batches=_finite_batches(trainer),
-        )
+        epoch = trainer.current_epoch
+        self._mixing = self.off_epoch is None or epoch < self.off_epoch
+        self._plain = self._mixing and not self._switched
+        self._stats = np.zeros(4)
+        # A stream per (seed, rank, epoch): ranks differ, and resuming at an epoch boundary replays exactly. The
+        # switches draw from a second stream, so plain mixup's draws are the same with or without them.
+        rng = np.random.default_rng([self._resolved_seed, trainer.global_rank, epoch])
+        self._sampler = None
+        if self._mixing:
+            self._sampler = MixingSampler(
+                self.num_points, self.alpha, rng, self.per_sample, self.distinct_partners,
+                num_batches=_finite_batches(trainer),
+            )
+            self._switch_rng = np.random.default_rng([self._resolved_seed, trainer.global_rank, epoch, 1])
+        self._epoch_ready = True
 
     # -- the mixing ----------------------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if not self._checked:
             self._check_batch(batch)
             self._checked = True
-        if self._sampler is None:  # the loop always calls on_train_epoch_start first; stay reproducible regardless
+        if not self._epoch_ready:  # the loop always calls on_train_epoch_start first; stay reproducible regardless
             self.on_train_epoch_start(trainer, pl_module)
+        if not self._plain:
+            self._mix_switched(batch)
+            return
         x, y = batch[self.input_key], batch[self.target_key]
         lam, index = self._sampler(x.shape[0])
         if x.device.type != "cpu":
             lam, index = lam.to(x.device, non_blocking=True), index.to(x.device, non_blocking=True)
-        batch[self.target_key] = mix_targets(y, lam, index, self._classes)
+        targets = mix_targets(y, lam, index, self._classes)
+        batch[self.target_key] = smooth_targets(targets, self.label_smoothing) if self.label_smoothing else targets
         batch[self.input_key] = mix(x, lam if x.dtype == lam.dtype else lam.to(x.dtype), index)
         self.num_mixed_batches += 1
         self._last = (lam, index)
 
+    def _mix_switched(self, batch: Any) -> None:
+        """Mixing with CutMix or prob, or no mixing (from off_epoch on): timm's Mixup semantics."""
+        x, y = batch[self.input_key], batch[self.target_key]
+        if not self._mixing:
+            batch[self.target_key] = smooth_targets(soft_targets(y, self._classes), self.label_smoothing)
+            self._last = None
+            return
+        n = x.shape[0]
+        lam, index = self._sampler(n)
+        image_size = tuple(x.shape[-2:]) if self.cutmix_alpha > 0 else None
+        lam_np, boxes, cut = switch_mixing(
+            lam.numpy(), self._switch_rng, image_size, self.prob, self.cutmix_alpha, self.switch_prob
+        )
+        rows = 1.0 if self.per_sample else float(n)  # examples per row of lam
+        self._stats += rows * np.array(
+            [lam_np.max(1).sum(), lam_np[:, 0].sum(), 0.0 if cut is None else cut.sum(), len(lam_np)]
+        )
+        lam = torch.from_numpy(lam_np.astype(np.float32))
+        cut_t = None if cut is None else torch.from_numpy(cut)
+        boxes_t = None if boxes is None else torch.from_numpy(boxes)
+        if x.device.type != "cpu":
+            lam, index = lam.to(x.device, non_blocking=True), index.to(x.device, non_blocking=True)
+        batch[self.target_key] = smooth_targets(mix_targets(y, lam, index, self._classes), self.label_smoothing)
+        if (lam_np[:, 0] < 1.0).any():  # a batch left whole by `prob` (or cut by an empty box) is not copied
+            batch[self.input_key] = mix_inputs(x, lam if x.dtype == lam.dtype else lam.to(x.dtype), index, boxes_t, cut_t)
+        self.num_mixed_batches += 1
+        self._last = (lam, index, boxes_t, cut_t)
+
     @property
     def last_lam(self) -> torch.Tensor | None:
-        """Weights ``(N, k)`` of the last mixed batch (rows sum to one), for inspection."""
+        """Weights ``(N, k)`` the targets of the last mixed batch got (rows sum to one), for inspection.
+
+        For a cut example, the real share of its own image; ``(1, 0, ...)`` for one left unmixed by ``prob``.
+        """
         return None if self._last is None else self._last[0].expand(len(self._last[1]), self.num_points)
 
     @property
@@ -429,11 +323,31 @@ class MixupCallback(Callback):
         """Partner indices ``(N, k)`` of the last mixed batch; row ``i`` mixed examples ``last_index[i]``."""
         return None if self._last is None else self._last[1]
 
+    @property
+    def last_boxes(self) -> torch.Tensor | None:
+        """CutMix boxes ``(N, 4)`` (or ``(1, 4)`` per batch) ``(top, bottom, left, right)`` of the last mixed batch.
+
+        Only rows marked in :attr:`last_cut` were cut; ``None`` without CutMix.
+        """
+        return None if self._last is None or len(self._last) < 4 else self._last[2]
+
+    @property
+    def last_cut(self) -> torch.Tensor | None:
+        """Bool ``(N,)`` (or ``(1,)`` per batch): which examples of the last mixed batch were cut; ``None`` without CutMix."""
+        return None if self._last is None or len(self._last) < 4 else self._last[3]
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sampler = self._sampler
-        if self.log_stats and sampler is not None and sampler.count > 0:
-            pl_module.log("mixup/lam_max", sampler.sum_max / sampler.count, sync_dist=True)
-            pl_module.log("mixup/lam_self", sampler.sum_self / sampler.count, sync_dist=True)
+        if not self.log_stats or sampler is None or sampler.count == 0:
+            return
+        if self._switched:
+            sum_max, sum_self, sum_cut, count = self._stats
+        else:
+            sum_max, sum_self, sum_cut, count = sampler.sum_max, sampler.sum_self, 0.0, sampler.count
+        pl_module.log("mixup/lam_max", sum_max / count, sync_dist=True)
+        pl_module.log("mixup/lam_self", sum_self / count, sync_dist=True)
+        if self.cutmix_alpha > 0:
+            pl_module.log("mixup/cut_fraction", sum_cut / count, sync_dist=True)
 
     def _check_batch(self, batch: Any) -> None:
         if isinstance(batch, tuple):
@@ -457,6 +371,12 @@ class MixupCallback(Callback):
                 f"MixupCallback mixes floating-point input tensors; `batch[{self.input_key!r}]` is "
                 f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}. Point `input_key` at the inputs "
                 "(token ids cannot be mixed: mix embeddings inside your model instead)."
+            )
+        if self.cutmix_alpha > 0 and x.ndim < 3:
+            raise ValueError(
+                f"MixupCallback(cutmix_alpha={self.cutmix_alpha}) cuts boxes out of the last two dimensions (H, W) "
+                f"of the inputs, but `batch[{self.input_key!r}]` has shape {tuple(x.shape)}. Feed image batches "
+                "(N, C, H, W) (flatten inside the model), or set `cutmix_alpha=0` for mixup only."
             )
         if not isinstance(y, torch.Tensor) or y.shape[:1] != x.shape[:1] or y.ndim not in (1, 2):
             raise ValueError(
@@ -496,7 +416,7 @@ class MixupCallback(Callback):
 
     # -- checkpointing -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self._resolved_seed, "num_mixed_batches": self.num_mixed_batches}
+        return {"seed": self._resolved_seed, "num_mixed_batches": self.num_mixed_batches, "off_epoch": self.off_epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self.seed is not None and state_dict.get("seed") not in (None, self.seed):
@@ -507,3 +427,9 @@ class MixupCallback(Callback):
         else:
             self._resolved_seed = state_dict.get("seed", self._resolved_seed)
         self.num_mixed_batches = int(state_dict.get("num_mixed_batches", 0))
+        saved_off = state_dict.get("off_epoch")
+        if "off_epoch" in state_dict and saved_off != self.off_epoch:
+            rank_zero_warn(
+                f"MixupCallback(off_epoch={self.off_epoch}) resumes a run that switched mixing off at epoch "
+                f"{saved_off}; keeping off_epoch={self.off_epoch}. Pass off_epoch={saved_off} to continue as before."
+            )

@@ -15,6 +15,7 @@ __all__ = ["TeacherTrajectory"]
 
 _EPOCH = re.compile(r"epoch=(\d+)")
 _STEP = re.compile(r"step=(\d+)")
+_VERSION = re.compile(r"-v(\d+)\.[^.]+$")  # ModelCheckpoint's suffix for a file name already taken by an earlier run
 
 
 def _natural_key(name: str) -> list:
@@ -30,6 +31,14 @@ def list_checkpoints(directory: str | Path, pattern: str = "*.ckpt") -> list[str
     """
     files = [p for p in Path(directory).glob(pattern) if p.is_file()]
     tagged = [p for p in files if _EPOCH.search(p.name)]
+    rerun = sorted(p.name for p in tagged if _VERSION.search(p.name))
+    if rerun:
+        raise ValueError(
+            f"{str(directory)!r} holds checkpoints of more than one training run ({', '.join(rerun[:3])}"
+            f"{' ...' if len(rerun) > 3 else ''}: ModelCheckpoint adds `-v1` when a run writes a name an earlier run "
+            "already wrote), so the trajectory would mix two teachers. Give each teacher run its own directory, or "
+            "pass the checkpoints of one run as an explicit list."
+        )
     if tagged:
 
         def key(p: Path) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from lightning_methods._utils import lazy_exports
 _EXPORTS = {
     "ArrayDataModule": "._base",
     "ArrayDataset": "._base",
+    "BatchedArrayDataset": "._base",
     "ImageDataModule": "._base",
     "DigitsDataModule": ".vision",
     "MNISTDataModule": ".vision",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from typing import Any
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -10,7 +12,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["ArrayDataset", "ArrayDataModule", "Splits"]
+__all__ = ["ArrayDataset", "ArrayDataModule", "BatchedArrayDataset", "Splits", "passthrough_collate"]
 
 SPLITS = ("train", "val", "test")
 
@@ -36,11 +38,52 @@ class ArrayDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.x[index]
         if self.max_shift:
-            s = self.max_shift
-            dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
-            h, w = x.shape[-2:]
-            x = F.pad(x, (s, s, s, s))[..., dy : dy + h, dx : dx + w]
+            x = self._shift(x)
         return x, self.y[index]
+
+    def _shift(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.max_shift
+        dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
+        h, w = x.shape[-2:]
+        return F.pad(x, (s, s, s, s))[..., dy : dy + h, dx : dx + w]
+
+    def batch(self, indices: list[int] | torch.Tensor) -> list[torch.Tensor]:
+        """``[x[indices], y[indices]]`` with one index operation each: what the default collate would make of
+        ``[self[i] for i in indices]``, with the same random shifts drawn in the same order."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        x = self.x[idx]
+        if self.max_shift:
+            x = torch.stack([self._shift(row) for row in x]) if len(x) else x
+        return [x, self.y[idx]]
+
+
+def passthrough_collate(batch: Any) -> Any:
+    """The collate function of a loader over a :class:`BatchedArrayDataset`: its batches come already collated."""
+    return batch
+
+
+class BatchedArrayDataset(Dataset):
+    """The loaders' view of an :class:`ArrayDataset`: a batch is fetched with one index operation.
+
+    PyTorch's DataLoader calls ``__getitems__(indices)`` when a dataset has it and hands the result to its
+    ``collate_fn``; here that is the whole batch ``[x, y]``, already collated, so the loader uses
+    :func:`passthrough_collate`. Fetching and collating example by example costs ~0.7 ms per step on digits (a third
+    of a small model's step). The samplers (shuffling, ``drop_last``, Lightning's ``DistributedSampler``, the Poisson
+    sampler of DP-SGD) are unchanged, so batches and their order are identical to per-example fetching. Indexing one
+    example still works (``view[i]``), so code that walks the dataset does not change.
+    """
+
+    def __init__(self, dataset: ArrayDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset[index]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        return self.dataset.batch(indices)
 
 
 class Splits(dict):
@@ -69,8 +112,10 @@ class ArrayDataModule(pl.LightningDataModule):
     Args:
         batch_size: training batch size (per device under DDP).
         eval_batch_size: validation/test/predict batch size; defaults to ``batch_size``.
-        val_fraction: fraction of the training pool held out for validation.
-        test_fraction: fraction of the data held out for testing (ignored when the data has its own test set).
+        val_fraction: fraction of the whole data held out for validation (of the given training set when the data
+            comes with its own test set).
+        test_fraction: fraction of the whole data held out for testing (ignored when the data has its own test set).
+            What neither takes is the training split; a split that leaves a class without training rows is refused.
         seed: seed of the split.
         num_workers: DataLoader workers.
         shuffle: shuffle the training set each epoch (turn off for exact DDP-vs-single-process comparisons).
@@ -148,6 +193,14 @@ class ArrayDataModule(pl.LightningDataModule):
         return math.prod(self.input_shape)
 
     # -- splitting -------------------------------------------------------------------------------------------------
+    def _check_training_classes(self, y: np.ndarray, train: np.ndarray) -> None:
+        missing = sorted(set(np.unique(y).tolist()) - set(np.unique(y[train]).tolist()))
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}: `val_fraction={self.val_fraction}` and `test_fraction={self.test_fraction}` "
+                f"leave {len(train)} training rows and no training example of class(es) {missing}: lower them."
+            )
+
     @property
     def splits(self) -> Splits:
         """The train/val/test arrays as tensors (built on first access, identical on every rank)."""
@@ -166,6 +219,7 @@ class ArrayDataModule(pl.LightningDataModule):
                 splits = Splits(train=(x[train], y[train]), val=(x[val], y[val]), test=(x_test, y_test))
                 # indices of the test split refer to the separate test arrays
                 self.split_indices = {"train": train, "val": val, "test": np.arange(len(y_test))}
+            self._check_training_classes(y, train)
             splits = self.fit_transform(splits)
             self._splits = Splits(
                 {
@@ -192,13 +246,15 @@ class ArrayDataModule(pl.LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        batched = isinstance(dataset, ArrayDataset)  # one index operation per batch (BatchedArrayDataset)
         return DataLoader(
-            dataset,
+            BatchedArrayDataset(dataset) if batched else dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             drop_last=drop_last,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=passthrough_collate if batched else None,
         )
 
     def _require_setup(self) -> None:

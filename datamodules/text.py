@@ -8,7 +8,7 @@
   most-significant digit first (``"123+456="`` -> ``"579"``), and a parallelizable 3SUM-like task (Pfau et al. 2024:
   is there a triple of vectors summing to zero mod 10?), as prompt/target pairs or as plain text for pretraining.
 
-Batches are dictionaries (see :mod:`datamodules._tokenizer`): ``{"input_ids", "attention_mask"}`` when
+Batches are dictionaries (see :mod:`lightning_methods._tokenizer`): ``{"input_ids", "attention_mask"}`` when
 ``batch_format == "lm"``, ``{"prompt_ids", "prompt_mask", "target_ids", "target_mask"}`` when it is
 ``"prompt_target"``. Each datamodule exposes its ``tokenizer`` and the longest sequences it yields
 (``max_length``, or ``max_prompt_length`` / ``max_target_length``), so a model can check its context before training.
@@ -31,7 +31,7 @@ import lightning.pytorch as pl
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
-from ._tokenizer import (
+from lightning_methods._tokenizer import (
     char_tokenizer,
     encode_prompts,
     encode_targets,
@@ -393,7 +393,7 @@ class PromptTargetDataModule(_TokenDataModule):
     """Prompt/target pairs (question -> answer) from JSON, JSONL or CSV files, read through HF ``datasets``.
 
     Prompts are tokenized with the tokenizer's special tokens, targets without them and followed by EOS
-    (:func:`datamodules._tokenizer.encode_target`). Without ``val_file`` / ``test_file``, those splits are carved from
+    (:func:`lightning_methods._tokenizer.encode_target`). Without ``val_file`` / ``test_file``, those splits are carved from
     the training file with ``seed``.
 
     Args:

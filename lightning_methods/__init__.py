@@ -19,7 +19,13 @@ _EXPORTS = {
     "supervision_complexity": ".distillation_diagnostics",
     "exaggeration_slope": ".distillation_diagnostics",
     "MixupConsistencyModule": ".mixup_consistency",
+    "mixup": ".mixup",
     "ResMem": ".resmem",
+    "metrics": ".metrics",
+    "WorstClassAccuracy": ".metrics",
+    "RiskCoverage": ".metrics",
+    "DeferralCurve": ".metrics",
+    "SCODRisk": ".metrics",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_methods._utils import check_model_against_data, check_num_classes, check_targets, save_hparams
@@ -89,68 +89,117 @@ class ClassifierModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    # -- extension points --------------------------------------------------------------------------------------------
+    # A subclass changes the objective with `loss` (or `training_loss` when it needs more of the batch than logits),
+    # adds evaluation with `evaluate` / `update_eval_metrics` and `epoch_metrics`, and checks its configuration in
+    # `check_data` / `setup` (calling super()). Logging follows one rule: names are `{stage}_{what}`
+    # (`train_`, `val_`, `test_`); values that are already global (a torchmetrics compute(), a rank-identical number)
+    # go through `log_metric` / `log_global`, which log once per epoch with `sync_dist=True`.
+
+    #: the name of the backbone argument, in error messages (DistillationModule calls it `student`)
+    backbone_arg = "model"
+
     def setup(self, stage: str) -> None:
         # Runs after the datamodule's setup and before any step: the place to catch a config that cannot work.
-        check_model_against_data(self.model, self.num_classes, self.trainer.datamodule if self._trainer else None)
+        self.check_data(self.trainer.datamodule if self._trainer else None)
+
+    def check_data(self, datamodule: Any) -> None:
+        """Fail before training when the backbone, ``num_classes`` and the datamodule disagree (subclasses extend)."""
+        check_model_against_data(self.model, self.num_classes, datamodule, arg=self.backbone_arg)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Training loss; subclasses override this to change the objective while keeping logging and metrics."""
         return soft_cross_entropy(logits, targets, self.label_smoothing)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, logits, targets)`` of one training batch; override when the objective needs more of the batch
+        than the logits (extra batch elements, a second network), and keep ``training_step``'s metrics and logging."""
         x, y = batch[0], batch[1]
         logits = self(x)
-        loss = self.loss(logits, y)
-        # Accuracy is accumulated here and logged once per epoch (on_*_epoch_end): a Metric's forward, or logging
-        # the Metric object every step, costs more than a small model's whole training step on CPU.
-        self.train_acc.update(logits.detach(), hard_targets(y))
-        self.train_loss_mean.update(loss.detach(), len(y))
+        return self.loss(logits, y), logits, y
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, logits, targets = self.training_loss(batch)
+        self.update_train_metrics(loss, logits, targets)
+        return loss
+
+    def update_train_metrics(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Accumulate ``train_loss`` / ``train_acc`` (logged once per epoch) and log the step loss."""
+        # Accuracy is accumulated here and logged once per epoch: a Metric's forward, or logging the Metric object
+        # every step, costs more than a small model's whole training step on CPU.
+        self.train_acc.update(logits.detach(), hard_targets(targets))
+        self.train_loss_mean.update(loss.detach(), len(targets))
         # self.log costs ~1 ms per call on CPU, whatever the logger does with it: log the step loss only on the
         # steps a logger would record anyway, and the epoch mean once per epoch
         if self._trainer is not None and self.global_step % self.trainer.log_every_n_steps == 0:
             self.log("train_loss_step", loss, prog_bar=True)
-        return loss
 
-    def _log_epoch_metric(self, name: str) -> None:
-        """Log the torchmetrics attribute ``name`` (e.g. ``"val_acc"``) once per epoch and reset it."""
-        metric = getattr(self, name)
+    def log_global(self, name: str, value: Any, prog_bar: bool = False) -> None:
+        """Log a value that is the same on every rank (or already reduced), once per epoch, without DDP warnings."""
+        self.log(name, value, prog_bar=prog_bar, sync_dist=True)
+
+    def log_metric(self, name: str, metric: Metric | None = None, prog_bar: bool | None = None) -> Any:
+        """Compute a torchmetrics ``Metric`` over the epoch (DDP-reduced by torchmetrics), log it and reset it.
+
+        A metric whose ``compute()`` returns a dict (the curve metrics of :mod:`lightning_methods.metrics`) logs each
+        0-d entry as ``{name}_{key}``; its curves (tensors of 1 or more dimensions) are returned, not logged.
+
+        Args:
+            name: the log name (``{stage}_{what}``); also the attribute holding the metric when ``metric`` is None.
+            metric: the metric (default ``getattr(self, name)``).
+            prog_bar: show in the progress bar (default: for ``val_`` names).
+
+        Returns:
+            What ``compute()`` returned, or None when the metric saw no update this epoch.
+        """
+        metric = getattr(self, name) if metric is None else metric
+        prog_bar = name.startswith("val_") if prog_bar is None else prog_bar
+        value = None
         if metric.update_count:  # compute() syncs across DDP ranks: every rank logs the global value
-            self.log(name, metric.compute(), prog_bar=name.startswith("val_"))
+            value = metric.compute()
+            if isinstance(value, dict):
+                for key, entry in value.items():
+                    if isinstance(entry, torch.Tensor) and entry.ndim == 0:
+                        self.log_global(f"{name}_{key}", entry, prog_bar=False)
+            else:
+                self.log_global(name, value, prog_bar=prog_bar)
         metric.reset()
+        return value
 
-    def on_train_epoch_end(self) -> None:
-        if self.train_loss_mean.update_count:
-            self.log("train_loss", self.train_loss_mean.compute())
-        self.train_loss_mean.reset()
-        self._log_epoch_metric("train_acc")
-
-    def _epoch_metrics(self, stage: str) -> list[str]:
+    def epoch_metrics(self, stage: str) -> list[str]:
         """Names of the torchmetrics attributes logged at the end of a ``stage`` epoch; subclasses add theirs."""
         return [f"{stage}_acc"]
 
+    def on_train_epoch_end(self) -> None:
+        if self.train_loss_mean.update_count:
+            self.log_global("train_loss", self.train_loss_mean.compute())
+        self.train_loss_mean.reset()
+        self.log_metric("train_acc")
+
     def on_validation_epoch_end(self) -> None:
-        for name in self._epoch_metrics("val"):
-            self._log_epoch_metric(name)
+        for name in self.epoch_metrics("val"):
+            self.log_metric(name)
 
     def on_test_epoch_end(self) -> None:
-        for name in self._epoch_metrics("test"):
-            self._log_epoch_metric(name)
+        for name in self.epoch_metrics("test"):
+            self.log_metric(name)
 
-    def _evaluate(self, batch: Any, stage: str) -> None:
+    def evaluate(self, batch: Any, stage: str) -> None:
+        """One validation / test batch (``stage`` is ``"val"`` or ``"test"``); subclasses override to add metrics."""
         x, y = batch[0], batch[1]
-        self._update_eval_metrics(self(x), y, stage)
+        self.update_eval_metrics(self(x), y, stage)
 
-    def _update_eval_metrics(self, logits: torch.Tensor, targets: torch.Tensor, stage: str) -> None:
+    def update_eval_metrics(self, logits: torch.Tensor, targets: torch.Tensor, stage: str) -> None:
         """Accumulate ``{stage}_acc`` and log ``{stage}_loss`` for one evaluation batch (subclasses reuse it)."""
         getattr(self, f"{stage}_acc").update(logits, hard_targets(targets))
         loss = soft_cross_entropy(logits, targets)
         self.log(f"{stage}_loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=len(targets))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self.evaluate(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self.evaluate(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch

@@ -21,7 +21,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import yaml
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 __all__ = ["LightningMethodsCLI", "cli_main", "main", "LINKED_ATTRIBUTES", "BACKBONE_ARGUMENTS"]
 
@@ -188,6 +188,27 @@ class LightningMethodsCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path)
 
 
+class RunConfigCallback(SaveConfigCallback):
+    """Lightning's ``SaveConfigCallback``, except where it would write ``config.yaml`` into the working directory.
+
+    Without a logger and a ``default_root_dir`` of its own, a run's log directory is the working directory: running
+    a config from a checkout would then rewrite ``./config.yaml``. Such a run writes ``runs/config.yaml`` instead
+    (``runs/`` is ignored by git); with a logger or a ``default_root_dir`` the config goes where Lightning puts it.
+    """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.logger is None and Path(trainer.default_root_dir).resolve() == Path.cwd().resolve():
+            self.save_to_log_dir = False
+            self._to_runs = True
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if getattr(self, "_to_runs", False):
+            path = Path(trainer.default_root_dir) / "runs" / self.config_filename
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=self.multifile)
+
+
 def cli_main(args: list[str] | dict | None = None, run: bool = True) -> LightningMethodsCLI:
     """Build (and by default run) the CLI; ``args`` replaces ``sys.argv[1:]`` for programmatic use and tests."""
     return LightningMethodsCLI(
@@ -195,6 +216,7 @@ def cli_main(args: list[str] | dict | None = None, run: bool = True) -> Lightnin
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,

@@ -27,16 +27,18 @@ half the mean squared difference of the centred logits).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
+from lightning_methods._distributed import map_in_order
+from lightning_methods._frozen import FrozenSlot, HoldsFrozenModels, load_backbone
 from lightning_methods._utils import _cli_given_hparams, check_model_against_data, check_targets
 from lightning_methods.classifier import ClassifierModule, soft_cross_entropy
 
@@ -98,123 +100,54 @@ def distillation_loss(
     return (1.0 - alpha) * soft_cross_entropy(student_logits, targets, label_smoothing) + alpha * kd
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Teacher weights from a checkpoint
-# --------------------------------------------------------------------------------------------------------------------
-def _read_checkpoint(path: str | Path, arg: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"`{arg}={str(path)!r}` does not exist. Point it at a checkpoint of a trained ClassifierModule (e.g. the "
-            "`last.ckpt` a ModelCheckpoint wrote; `lightning-methods fit --config configs/distillation/teacher.yaml` "
-            "writes checkpoints/teacher/last.ckpt)."
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        # Lightning checkpoints may hold hyperparameter objects that the safe unpickler refuses (a Namespace, a
-        # class in an optimizer config); this is the user's own checkpoint, named by them.
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise ValueError(f"`{arg}={str(path)!r}` is not a readable PyTorch checkpoint: {err}") from err
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"`{arg}={str(path)!r}` holds a {type(checkpoint).__name__}, not a checkpoint or state dict.")
-    return dict(checkpoint)
-
-
-def _backbone_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
-    """The backbone's weights in a ClassifierModule / DistillationModule checkpoint, or a plain state dict."""
-    state = checkpoint.get("state_dict", checkpoint)
-    # ClassifierModule and its subclasses (DistillationModule included: the student is `model`) hold the backbone
-    # under `model.`; anything else (a bare `torch.save(net.state_dict())`) is taken as the backbone itself.
-    prefixed = {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    return prefixed or {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-
-
-def _backbone_config(checkpoint: Mapping) -> Mapping | None:
-    """The ``class_path``/``init_args`` config of the backbone, when the checkpoint was written by the CLI."""
-    hparams = checkpoint.get("hyper_parameters") or {}
-    for name in ("model", "student"):
-        config = hparams.get(name)
-        if isinstance(config, Mapping) and "class_path" in config:
-            return config
-    return None
-
-
-def _build_backbone(config: Mapping) -> nn.Module:
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--backbone", type=nn.Module)
-    parsed = parser.parse_object({"backbone": dict(config)})
-    return parser.instantiate_classes(parsed).backbone
-
-
 def load_backbone_weights(
-    path: str | Path, backbone: nn.Module | None = None, arg: str = "teacher_checkpoint"
+    path: str | Path, backbone: nn.Module | None = None, arg: str = "teacher_checkpoint", trusted: bool = False
 ) -> nn.Module:
-    """Load a backbone from a ``ClassifierModule`` (or ``DistillationModule``) checkpoint or a plain state dict.
-
-    Args:
-        path: the checkpoint file.
-        backbone: the architecture to load into. When omitted, it is rebuilt from the checkpoint's hyperparameters,
-            which works for checkpoints written by the ``lightning-methods`` CLI.
-        arg: the argument name used in error messages.
-
-    Returns:
-        The backbone with the checkpoint's weights (the given object when ``backbone`` is passed).
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the checkpoint holds another architecture, or records none and ``backbone`` is missing.
-    """
-    checkpoint = _read_checkpoint(path, arg)
-    if backbone is None:
-        config = _backbone_config(checkpoint)
-        if config is None:
-            raise ValueError(
-                f"`{arg}={str(path)!r}` does not record its backbone's architecture (it was not written by the "
-                "lightning-methods CLI): pass the architecture too, e.g. `teacher=SmallCNN(num_classes=10)`."
-            )
-        backbone = _build_backbone(config)
-    state = _backbone_state_dict(checkpoint)
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        detail = str(err).split("\n\t", 1)[-1][:400]
-        raise ValueError(
-            f"`{arg}={str(path)!r}` holds weights of another architecture than the given "
-            f"{type(backbone).__name__}: {detail}. Pass the backbone (and its arguments) the checkpoint was trained with."
-        ) from err
-    return backbone
+    """Load a teacher backbone from a ``ClassifierModule`` checkpoint: :func:`lightning_methods._frozen.load_backbone`
+    (``weights_only=True`` unless ``trusted=True``) with this module's argument name in its error messages."""
+    return load_backbone(path, backbone, arg=arg, trusted=trusted)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Cached teacher logits
+# Cached teacher logits, looked up by the content of the input
 # --------------------------------------------------------------------------------------------------------------------
-class _WithIndex(Dataset):
-    """``(x, y, index)`` from a map-style ``(x, y)`` dataset: batches carry the rows of the cached logit table.
+class _LogitCache:
+    """The teacher's logits on every training example, found by a fingerprint of the input itself.
 
-    The index, not the logits row, travels with each example: one gather per batch instead of a tensor index and a
-    stack per example (which cost a small model's step ~10%).
+    A fingerprint is the input's projection on a fixed random direction (float64). The batch is never changed and
+    the datamodule is never wrapped: whatever reaches ``training_step`` is looked up by content, so an input that a
+    callback or an augmentation changed after loading (mixup, CutMix, noise) is simply not found, and goes to the live
+    teacher. Two examples with the same input share one entry (the teacher gives them the same logits anyway).
     """
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, inputs_fp: torch.Tensor, logits: torch.Tensor, direction: torch.Tensor) -> None:
+        self.sorted_fp, order = inputs_fp.sort()
+        self.logits = logits[order]
+        self.direction = direction
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+    @staticmethod
+    def fingerprint(x: torch.Tensor, direction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fingerprints, tolerance)``: a rounding error of the float64 dot product is far below the tolerance,
+        any real change of the input far above it."""
+        flat = x.reshape(len(x), -1).to(torch.float64)
+        fp = flat @ direction.to(flat.device)
+        return fp, 1e-9 * flat.norm(dim=1) * direction.norm() + 1e-12
 
-    def __getitem__(self, index: int) -> tuple:
-        item = self.dataset[index]
-        return (item[0], item[1], index)
+    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, found)``: the cached logits of the rows found (other rows hold garbage) and a bool mask."""
+        fp, tol = self.fingerprint(x, self.direction)
+        sorted_fp = self.sorted_fp.to(fp.device)
+        pos = torch.searchsorted(sorted_fp, fp).clamp(max=len(sorted_fp) - 1)
+        below = (pos - 1).clamp(min=0)
+        pos = torch.where((sorted_fp[below] - fp).abs() < (sorted_fp[pos] - fp).abs(), below, pos)
+        found = (sorted_fp[pos] - fp).abs() <= tol
+        return self.logits[pos.to(self.logits.device)].to(x.device, non_blocking=True), found
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # The module
 # --------------------------------------------------------------------------------------------------------------------
-class DistillationModule(ClassifierModule):
+class DistillationModule(HoldsFrozenModels, ClassifierModule):
     """Train a student on a frozen teacher's soft predictions (KD), optionally switching losses part-way.
 
     Loss (Hinton et al. 2015, Sec. 2; pure KD, ``alpha=1``, in Nagarajan et al. 2023)::
@@ -226,11 +159,12 @@ class DistillationModule(ClassifierModule):
     ``distill_end_epoch=E/2`` its reverse. **Self-distillation** is a teacher with the student's
     architecture, trained first (``configs/distillation/self_distillation.yaml``).
 
-    The teacher sees exactly the (augmented) batch the student sees, in ``eval`` mode and under ``no_grad``. When
-    inputs are not augmented, ``cache_teacher_logits=True`` computes its logits once at the start of ``fit`` and
-    looks them up for each batch instead. A datamodule may also yield ``[x, y, teacher_logits]`` batches itself: a
-    floating-point third batch element ``(N, C)`` is taken as the teacher's logits (an integer one ``(N,)`` indexes
-    the cached table).
+    The teacher sees exactly the (augmented, mixed) batch the student sees, in ``eval`` mode and under ``no_grad``.
+    When inputs are not augmented, ``cache_teacher_logits=True`` computes its logits once at the start of ``fit``
+    and looks each input up by its content instead; an input changed after loading (by ``MixupCallback`` or any
+    other callback) is not in the table and goes to the live teacher (logged once), so the student never fits
+    mixed inputs against the teacher's logits of unmixed ones. A datamodule may also yield ``[x, y, teacher_logits]``
+    batches itself: a floating-point third batch element ``(N, C)`` is taken as the teacher's logits.
 
     Logs what :class:`ClassifierModule` logs (``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ...) plus
     ``train_kd`` (the ``tau^2 KL`` term, epoch mean) and ``distilling`` (1 in epochs that use the KD loss).
@@ -249,9 +183,9 @@ class DistillationModule(ClassifierModule):
         teacher_checkpoint: path of a ``ClassifierModule`` checkpoint (or a ``DistillationModule`` checkpoint, to
             chain self-distillation generations, or a plain state dict) holding the teacher's weights. Read when
             ``fit`` starts, so the student checkpoint reloads without it.
-        cache_teacher_logits: compute the teacher's logits on the training set once when ``fit`` starts (on every
-            rank) and serve them with the batches; needs a datamodule with a map-style ``train_dataset`` and no
-            augmentation.
+        cache_teacher_logits: compute the teacher's logits on the training set once when ``fit`` starts (shared
+            across DDP ranks) and look them up for each batch; needs a datamodule with a map-style ``train_dataset``
+            and no augmentation. The datamodule is not modified.
         optimizer: a callable building the optimizer from the student's parameters.
         lr_scheduler: optional callable building a scheduler from the optimizer.
         label_smoothing: label smoothing of the cross-entropy term.
@@ -271,6 +205,9 @@ class DistillationModule(ClassifierModule):
         >>> module.teacher is teacher, sum(p.numel() for p in module.parameters()) == 64 * 16 + 16 + 16 * 10 + 10
         (True, True)
     """
+
+    #: the frozen teacher (see the Note)
+    teacher = FrozenSlot()
 
     def __init__(
         self,
@@ -321,14 +258,12 @@ class DistillationModule(ClassifierModule):
         self.teacher_checkpoint = None if teacher_checkpoint is None else str(teacher_checkpoint)
         self.cache_teacher_logits = cache_teacher_logits
         # Held outside the module tree (see the Note): never trained, never checkpointed, never DDP-synchronised.
-        self.__dict__["_teacher"] = None
+        self.teacher = teacher
         # Where the teacher's weights come from; a teacher built from a CLI config alone has random weights.
         self._teacher_source = "module" if _cli_given_hparams() is None else "config"
-        if teacher is not None:
-            self._set_teacher(teacher)
         self._checkpoint_loaded = False
-        self._batch_teacher_logits: torch.Tensor | None = None
-        self._logit_table: torch.Tensor | None = None
+        self._cache: _LogitCache | None = None
+        self._told_live_teacher = False
         # a running sum, not a torchmetrics MeanMetric: its per-step update costs ~40 us, a few % of a small step
         self._kd_sum: torch.Tensor | None = None
         self._kd_count = 0
@@ -338,25 +273,6 @@ class DistillationModule(ClassifierModule):
     def student(self) -> nn.Module:
         """The student backbone (``self.model``; a property so its weights appear once in the state dict)."""
         return self.model
-
-    @property
-    def teacher(self) -> nn.Module | None:
-        """The frozen teacher backbone (not a registered submodule)."""
-        return self.__dict__["_teacher"]
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "teacher":  # nn.Module.__setattr__ would register it as a submodule, bypassing the property
-            self._set_teacher(value)
-        else:
-            super().__setattr__(name, value)
-
-    def _set_teacher(self, teacher: nn.Module) -> None:
-        teacher.requires_grad_(False)
-        teacher.eval()
-        param = next(self.model.parameters(), None)
-        if param is not None:
-            teacher.to(device=param.device)
-        self.__dict__["_teacher"] = teacher
 
     def _check_class_counts(self, backbone: nn.Module, arg: str) -> None:
         classes = getattr(backbone, "num_classes", None)
@@ -371,23 +287,15 @@ class DistillationModule(ClassifierModule):
         module has no teacher yet), freeze it and put it on the student's device. Used by ``TeacherTrajectory``."""
         teacher = load_backbone_weights(path, self.teacher, arg=arg)
         self._check_class_counts(teacher, arg)
-        self._set_teacher(teacher)
+        self.teacher = teacher
         self._teacher_source = "checkpoint"
         return teacher
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DistillationModule:
-        super()._apply(fn, *args, **kwargs)
-        if self.__dict__.get("_teacher") is not None:  # .to(device) / .double() / precision plugins reach the hidden teacher too
-            self.teacher._apply(fn, *args, **kwargs)
-        return self
 
     @torch.no_grad()
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's logits on ``x`` (``eval`` mode, no gradient)."""
         if self.teacher is None:
             raise RuntimeError("DistillationModule has no teacher: pass `teacher` or `teacher_checkpoint`.")
-        if self.teacher.training:  # someone called teacher.train(): a frozen teacher never uses dropout/BN updates
-            self.teacher.eval()
         return self.teacher(x)
 
     # -- the schedule ---------------------------------------------------------------------------------------------------
@@ -397,9 +305,11 @@ class DistillationModule(ClassifierModule):
         return epoch >= self.distill_start_epoch and (self.distill_end_epoch is None or epoch < self.distill_end_epoch)
 
     # -- fail before training ---------------------------------------------------------------------------------------------
+    backbone_arg = "student"
+
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         datamodule = self.trainer.datamodule if self._trainer else None
-        check_model_against_data(self.model, self.num_classes, datamodule, arg="student")
         if stage != "fit":
             return
         if self.teacher_checkpoint is not None and not self._checkpoint_loaded:
@@ -434,55 +344,60 @@ class DistillationModule(ClassifierModule):
             )
 
     def on_fit_start(self) -> None:
+        self._cache = None
         if self.cache_teacher_logits:
-            datamodule = self.trainer.datamodule
-            base = datamodule.train_dataset
-            if isinstance(base, _WithIndex):  # a second fit on the same datamodule: recompute
-                base = base.dataset
-            table = self._logits_over(base)
-            # on the accelerator when it is small (one gather per step, no transfer); on the CPU otherwise
-            self._logit_table = table.to(self.device) if table.numel() * 4 <= 2**30 else table
-            datamodule.train_dataset = _WithIndex(base)
+            self._cache = self._build_cache(self.trainer.datamodule.train_dataset)
 
-    def _logits_over(self, dataset: Dataset) -> torch.Tensor:
-        # Every rank computes the whole table (the sampler then picks its own indices): identical by construction.
-        # Indexed directly rather than through a DataLoader, whose iterator draws a seed from the global RNG: with
-        # the cache, training then sees the same shuffles as without it.
+    def _build_cache(self, dataset: Dataset) -> _LogitCache:
+        # Each rank computes the logits of its share of the rows and the shares are gathered in order, so every rank
+        # holds the whole table (its sampler then picks its own rows). Indexing the dataset directly (no DataLoader
+        # iterator, which draws a seed from the global RNG) keeps training's shuffles equal to those without cache.
+        first = dataset[0][0]
+        direction = torch.randn(first.numel(), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         batch_size = getattr(self.trainer.datamodule, "eval_batch_size", None) or 256
-        chunks = []
-        for start in range(0, len(dataset), batch_size):
-            batch = default_collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            chunks.append(self.teacher_logits(batch[0].to(self.device)).float().cpu())
-        return torch.cat(chunks)
+
+        def one_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            x = batch[0].to(self.device)
+            return _LogitCache.fingerprint(x, direction)[0], self.teacher_logits(x).float()
+
+        fingerprints, logits = map_in_order(dataset, one_batch, batch_size)
+        # on the accelerator when it is small (one gather per step, no transfer); on the CPU otherwise
+        logits = logits if logits.numel() * 4 <= 2**30 else logits.cpu()
+        return _LogitCache(fingerprints, logits, direction)
 
     # -- training -------------------------------------------------------------------------------------------------------
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        # ClassifierModule's step (forward, metrics, logging) with this module's `loss`; the teacher's logits for
-        # the batch are looked up here, where the inputs are at hand, and only in epochs that distil.
-        self._batch_teacher_logits = None
-        if self.distilling():
-            self._batch_teacher_logits = self._teacher_logits_for(batch)
-        return super().training_step(batch, batch_idx)
+    def training_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = batch[0], batch[1]
+        logits = self(x)
+        if not self.distilling():
+            return self.loss(logits, y), logits, y
+        return self.kd_objective(logits, self._teacher_logits_for(batch), y), logits, y
 
     def _teacher_logits_for(self, batch: Any) -> torch.Tensor:
-        if len(batch) < 3:
-            return self.teacher_logits(batch[0])
-        extra = batch[2]
-        if extra.is_floating_point():
-            return extra
-        if self._logit_table is None:
-            raise ValueError(
-                "The batch's third element holds integer indices but no teacher logits were cached: set "
-                "`cache_teacher_logits=True`, or yield the teacher's (N, C) logits as the third element."
-            )
-        return self._logit_table[extra.to(self._logit_table.device)].to(self.device, non_blocking=True)
+        x = batch[0]
+        if len(batch) >= 3 and isinstance(batch[2], torch.Tensor) and batch[2].is_floating_point():
+            return batch[2]  # the datamodule serves the teacher's logits itself
+        if self._cache is None:
+            return self.teacher_logits(x)
+        logits, found = self._cache.lookup(x)
+        if not bool(found.all()):
+            # inputs changed after loading (mixup, augmentation by a callback): their cached logits would be the
+            # unmixed inputs' ones, so the live teacher sees exactly what the student sees
+            if not self._told_live_teacher:
+                rank_zero_info(
+                    "DistillationModule: some training inputs differ from the dataset's (a callback such as "
+                    "MixupCallback, or an augmentation, changed them), so the teacher is run on those inputs instead of "
+                    "using the cached logits."
+                )
+                self._told_live_teacher = True
+            missing = ~found
+            logits = logits.clone()
+            logits[missing] = self.teacher_logits(x[missing]).to(logits.dtype)
+        return logits
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The KD loss in distilling epochs (teacher logits of the current batch), the plain cross-entropy otherwise."""
-        teacher_logits = getattr(self, "_batch_teacher_logits", None)
-        if teacher_logits is None:
-            return super().loss(logits, targets)
-        self._batch_teacher_logits = None
+    def kd_objective(self, logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of a distilling step: ``(1 - alpha) loss(logits, targets) + alpha tau^2 KL`` (``loss`` is the
+        one-hot objective, plain cross-entropy here); subclasses change the KD objective here."""
         if teacher_logits.shape != logits.shape:
             raise ValueError(
                 f"Teacher logits of shape {tuple(teacher_logits.shape)} do not match the student's "
@@ -492,13 +407,15 @@ class DistillationModule(ClassifierModule):
         self._kd_sum = kd.detach() * len(logits) + (0.0 if self._kd_sum is None else self._kd_sum)
         self._kd_count += len(logits)
         if self.alpha < 1.0:
-            return (1.0 - self.alpha) * super().loss(logits, targets) + self.alpha * kd
+            return (1.0 - self.alpha) * self.loss(logits, targets) + self.alpha * kd
         check_targets(logits, targets)
         return kd
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
         if self._kd_sum is not None:  # DDP: ranks run the same number of equal batches, so the mean of means is exact
-            self.log("train_kd", self._kd_sum / self._kd_count, sync_dist=True)
+            self.log_global("train_kd", self._kd_sum / self._kd_count)
+        else:  # a one-hot epoch has no KD term: do not leave the last KD epoch's value standing for this one
+            self.trainer.callback_metrics.pop("train_kd", None)
         self._kd_sum, self._kd_count = None, 0
-        self.log("distilling", float(self.distilling()), sync_dist=True)  # equal on every rank: silences the DDP warning
+        self.log_global("distilling", float(self.distilling()))

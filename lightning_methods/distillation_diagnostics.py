@@ -205,6 +205,8 @@ def empirical_ntk(
             for b in range(a + 1):
                 jb = ja if a == b else rows(b).double()
                 block = ja @ jb.T / k
+                if a == b:  # J @ J.T is not bit-symmetric in every BLAS: make the kernel exactly symmetric
+                    block = (block + block.T) / 2
                 kernel[chunks[a][:, None], chunks[b][None, :]] = block
                 kernel[chunks[b][:, None], chunks[a][None, :]] = block.T
     finally:

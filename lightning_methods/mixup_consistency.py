@@ -37,9 +37,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from callbacks.mixup import MixingSampler, _finite_batches, mix, mix_targets
 from lightning_methods._utils import save_hparams
+from lightning_methods._frozen import FrozenSlot, HoldsFrozenModels
 from lightning_methods.classifier import ClassifierModule, hard_targets
+from lightning_methods.mixup import MixingSampler, _finite_batches, mix, mix_targets
 
 __all__ = ["MixupConsistencyModule", "sigmoid_rampup", "ict_consistency_loss"]
 
@@ -57,7 +58,7 @@ def ict_consistency_loss(student_logits: torch.Tensor, target_probs: torch.Tenso
     return F.mse_loss(student_logits.softmax(dim=-1), target_probs, reduction="mean")
 
 
-class MixupConsistencyModule(ClassifierModule):
+class MixupConsistencyModule(HoldsFrozenModels, ClassifierModule):
     """Semi-supervised training with unsupervised k-point mixup (ICT) against an EMA teacher.
 
     Supervised cross-entropy on the labelled part of each batch plus the interpolation-consistency loss of the module
@@ -107,6 +108,9 @@ class MixupConsistencyModule(ClassifierModule):
         (True, True)
     """
 
+    #: the EMA teacher: frozen (never in the optimizer or DDP's buckets), saved in the checkpoint under `teacher.`
+    teacher = FrozenSlot(persistent=True)
+
     def __init__(
         self,
         model: nn.Module,
@@ -145,26 +149,20 @@ class MixupConsistencyModule(ClassifierModule):
         self.ema_decay = float(ema_decay)
         self.supervised_alpha = supervised_alpha
         self.seed = seed
-        self.teacher = copy.deepcopy(model).requires_grad_(False)
+        self.teacher = copy.deepcopy(model)
         self.sup_loss_mean, self.consistency_loss_mean = MeanMetric(), MeanMetric()
         self._weight = 0.0
         self.val_ema_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_ema_acc = MulticlassAccuracy(num_classes, average="micro")
         self._samplers: dict[str, MixingSampler] = {}  # one mixing stream per input stream
+        self._batch_idx = 0
         self._ema_step = 0  # optimizer steps folded into the teacher (equals global_step; kept to skip repeats)
 
     # -- the teacher -------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The EMA teacher's logits, always computed in eval mode and without gradients."""
-        # The mode flag follows the module (Lightning warns about submodules left in eval mode at the start of fit);
-        # the forward itself always runs in eval mode.
-        was_training = self.teacher.training
-        self.teacher.eval()
-        try:
-            return self.teacher(x)
-        finally:
-            self.teacher.train(was_training)
+        return self.teacher(x)
 
     @torch.no_grad()
     def update_teacher(self, step: int) -> None:
@@ -233,7 +231,7 @@ class MixupConsistencyModule(ClassifierModule):
         target = mix(teacher_logits, lam.to(teacher_logits.dtype), index).softmax(dim=-1)
         return ict_consistency_loss(self(mix(u, lam, index)), target)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_loss(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y, u = self._split_batch(batch)
 
         # supervised term: ERM on the labels, or k-point supervised mixup when `supervised_alpha` is set
@@ -248,36 +246,31 @@ class MixupConsistencyModule(ClassifierModule):
         # unsupervised term (ICT): the student at a mix of unlabelled points vs softmax of the teacher's mixed logits
         lam, index = self._draw(len(u), "unlabeled", u.device, u.dtype)
         cons_loss = self.consistency_loss(u, lam, index)
-        weight = self.consistency_weight * self.consistency_ramp(batch_idx)
-        loss = sup_loss + weight * cons_loss
-
-        # accumulated in metrics and logged once per epoch, as ClassifierModule does (self.log costs ~1 ms on CPU)
-        self.train_acc.update(logits.detach(), hard_targets(y))
-        self.train_loss_mean.update(loss.detach(), len(x))
+        weight = self.consistency_weight * self.consistency_ramp(self._batch_idx)
         self.sup_loss_mean.update(sup_loss.detach(), len(x))
         self.consistency_loss_mean.update(cons_loss.detach(), len(u))
         self._weight = weight
-        if self._trainer is not None and self.global_step % self.trainer.log_every_n_steps == 0:
-            self.log("train_loss_step", loss, prog_bar=True)
-        return loss
+        return sup_loss + weight * cons_loss, logits, y
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self._batch_idx = batch_idx  # the ramp-up is per (fractional) epoch
+        return super().training_step(batch, batch_idx)
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()
         # compute() already reduced the means across DDP ranks and the weight is the same on every rank: sync_dist
         # averages identical values (and keeps Lightning from warning about unsynced epoch-level logs)
-        for name, metric in (("train_sup_loss", self.sup_loss_mean), ("train_consistency_loss", self.consistency_loss_mean)):
-            if metric.update_count:
-                self.log(name, metric.compute(), sync_dist=True)
-            metric.reset()
-        self.log("consistency_weight", self._weight, sync_dist=True)
+        self.log_metric("train_sup_loss", self.sup_loss_mean)
+        self.log_metric("train_consistency_loss", self.consistency_loss_mean)
+        self.log_global("consistency_weight", self._weight)
 
     # -- evaluation: the student as in ClassifierModule, plus the teacher --------------------------------------------
-    def _evaluate(self, batch: Any, stage: str) -> None:
-        super()._evaluate(batch, stage)
+    def evaluate(self, batch: Any, stage: str) -> None:
+        super().evaluate(batch, stage)
         getattr(self, f"{stage}_ema_acc").update(self.teacher_logits(batch[0]), hard_targets(batch[1]))
 
-    def _epoch_metrics(self, stage: str) -> list[str]:
-        return super()._epoch_metrics(stage) + [f"{stage}_ema_acc"]
+    def epoch_metrics(self, stage: str) -> list[str]:
+        return super().epoch_metrics(stage) + [f"{stage}_ema_acc"]
 
     # -- checkpointing -------------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

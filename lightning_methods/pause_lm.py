@@ -11,7 +11,9 @@ the last pause, so the answer is computed from ``K + M`` vectors. Read next to t
   (:meth:`PauseTokenLM._add_pause_token`; the row starts at the mean embedding and is trained like every other
   parameter);
 * **pause-pretraining** (Section 3.1, Algorithm 1): ``M_pt`` pauses at uniformly random positions of each
-  pretraining sequence, then the sequence is trimmed back to the context length (:func:`insert_pauses`); next-token
+  pretraining sequence; a packed block that no longer fits the context spills into a second row whose labels cover
+  only the spilled tokens (:func:`split_overflow`: the paper trims instead, which never trains a full block's last
+  ~10%); next-token
   cross-entropy everywhere except at the positions whose *next* token is a pause, ``S_ignore = {k : p~_{k+1} =
   <pause>}`` (:func:`pretrain_labels`);
 * **pause-finetuning** (Section 3.2, Algorithm 2): ``M_ft`` pauses appended to the prefix; the loss is on the target
@@ -26,6 +28,7 @@ the last pause, so the answer is computed from ``K + M`` vectors. Read next to t
 from __future__ import annotations
 
 import copy
+import enum
 import inspect
 import os
 from pathlib import Path
@@ -33,12 +36,13 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MeanMetric
 from transformers import AddedToken, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from datamodules._tokenizer import (
+from lightning_methods._tokenizer import (
     encode_prompts,
     load_tokenizer,
     pad_sequences,
@@ -116,6 +120,36 @@ def insert_pauses(
     return out, slots.long()
 
 
+def split_overflow(
+    ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, context: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fit right-padded rows longer than ``context`` into the context without dropping any token's training signal.
+
+    Inserting pauses into a packed block that already fills the context makes it ``~10%`` longer. Trimming it back
+    would never train on the block's last tokens (9.4% of the text in our real-text benchmark). Instead, a row of
+    ``L > context`` real slots keeps its first ``context`` slots and adds a second row holding its last ``context``
+    slots, whose labels are ignored where the first row already trains them (absolute positions ``< context``): every
+    label is trained exactly once, each with the full preceding context the model can hold.
+
+    Returns:
+        ``(ids, mask, labels)`` of width ``min(width, context)``, with one extra row per overflowing row (appended).
+    """
+    if ids.shape[1] <= context:
+        return ids, mask, labels
+    length = mask.sum(dim=1)
+    over = (length > context).nonzero().squeeze(1)
+    start = (length[over] - context).unsqueeze(1)
+    cols = start + torch.arange(context, device=ids.device).unsqueeze(0)
+    extra_ids, extra_mask = ids[over].gather(1, cols), mask[over].gather(1, cols)
+    extra_labels = labels[over].gather(1, cols)
+    extra_labels = extra_labels.masked_fill(cols < context, IGNORE_INDEX)  # trained in the first row already
+    return (
+        torch.cat([ids[:, :context], extra_ids]),
+        torch.cat([mask[:, :context], extra_mask]),
+        torch.cat([labels[:, :context], extra_labels]),
+    )
+
+
 def pretrain_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pause_token_id: int) -> torch.Tensor:
     """Labels for (pause-)pretraining, to be passed to a Hugging Face causal LM (which shifts them by one inside).
 
@@ -183,22 +217,44 @@ def _context_length(config: Any) -> int | None:
     return None
 
 
-def _load_lightning_checkpoint(path: str) -> tuple[PreTrainedModel, Any]:
-    """The Hugging Face model and tokenizer stored in a :class:`PauseTokenLM` Lightning checkpoint."""
+def _stored_config(meta: dict) -> PretrainedConfig:
     from transformers import AutoConfig
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    config_dict = dict(meta["config"])
+    return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+
+
+def _stored_peft_config(meta: dict) -> Any:
+    from peft import get_peft_config
+
+    stored = {k: v for k, v in meta["peft_config"].items() if v is not None}
+    return get_peft_config(stored)
+
+
+def _read_checkpoint(path: Any) -> dict:
+    # mmap: tensors are mapped, not read, so looking at the metadata costs little and the weights are read once
+    mmap = isinstance(path, (str, os.PathLike))
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _load_lightning_checkpoint(path: str) -> tuple[PreTrainedModel, Any]:
+    """The Hugging Face model and tokenizer stored in a :class:`PauseTokenLM` Lightning checkpoint."""
+    checkpoint = _read_checkpoint(path)
     if _CKPT_KEY not in checkpoint:
         raise ValueError(f"`model={path!r}` is not a PauseTokenLM checkpoint (it has no {_CKPT_KEY!r} entry).")
     meta = checkpoint[_CKPT_KEY]
-    config_dict = dict(meta["config"])
-    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(_stored_config(meta))
+    if meta.get("peft_config") is not None:  # adapters: rebuild them, load, and merge into the next stage's model
+        from peft import get_peft_model
+
+        model = get_peft_model(model, _stored_peft_config(meta))
     state = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ValueError(f"`model={path!r}`: the stored weights do not match the stored config: {err}") from err
+    if meta.get("peft_config") is not None:
+        model = model.merge_and_unload()
     return model, tokenizer_from_files(meta["tokenizer_files"])
 
 
@@ -237,8 +293,20 @@ class PauseTokenLM(pl.LightningModule):
         lr_scheduler: optional callable building a scheduler from the optimizer (stepped every optimizer step).
         seed: seed of the pause positions; each (rank, step, batch) draws from its own stream, so runs and resumed
             runs insert the same pauses.
+        model_kwargs: keyword arguments of ``from_pretrained`` when ``model`` is a directory (``dtype``,
+            ``attn_implementation``, ``trust_remote_code``, ...). The weights train in the dtype they are loaded in:
+            a bfloat16 release loaded as is trains in pure bfloat16 (no float32 master weights; ``fit`` says so);
+            ``model_kwargs={"dtype": "float32"}`` with ``precision="bf16-mixed"`` is mixed precision.
+        peft_config: train adapters instead of the whole model: a ``peft.LoraConfig`` (or its dict, as in a YAML
+            config). The pause token is added to the base model first; then only the adapters and the pause
+            token's embedding row train (PEFT's ``trainable_token_indices``: the other rows stay exactly as they
+            were). Checkpoints hold the adapters and the config, and ``load_from_checkpoint`` rebuilds them;
+            :meth:`save_pretrained` writes a PEFT adapter directory.
 
     Note:
+        A model object you pass is copied: the module trains (and resizes the embeddings of) its own copy, so the
+        object you hold is unchanged and several variants can be built from one loaded base. A directory or a
+        checkpoint is loaded once, without a copy.
         Checkpoints carry the tokenizer (with the pause token) and the model config: ``PauseTokenLM(model="x.ckpt",
         mode="finetune", ...)`` starts a new stage from one (the four variants of the paper), and
         ``load_from_checkpoint(path)`` defaults to the stored tokenizer and rejects one with another vocabulary.
@@ -251,7 +319,7 @@ class PauseTokenLM(pl.LightningModule):
     Example::
 
         >>> from transformers import GPT2Config
-        >>> from datamodules._tokenizer import char_tokenizer
+        >>> from lightning_methods._tokenizer import char_tokenizer
         >>> tok = char_tokenizer("0123456789+=")
         >>> lm = PauseTokenLM(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64), tok, num_pauses=4)
         >>> lm.pause_token_id == len(tok)  # one new token after the text vocabulary
@@ -271,8 +339,12 @@ class PauseTokenLM(pl.LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         seed: int = 0,
+        model_kwargs: dict[str, Any] | None = None,
+        peft_config: Any = None,
     ) -> None:
         super().__init__()
+        if model_kwargs is not None and not isinstance(model_kwargs, dict):
+            raise TypeError(f"`model_kwargs` must be a dict of from_pretrained arguments, got {type(model_kwargs).__name__}.")
         if mode not in ("pretrain", "finetune"):
             raise ValueError(f"`mode` must be 'pretrain' or 'finetune', got {mode!r}.")
         if isinstance(pretrain_pause_fraction, bool) or not 0.0 <= float(pretrain_pause_fraction) < 1.0:
@@ -300,13 +372,16 @@ class PauseTokenLM(pl.LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.seed = int(seed)
+        self.peft_config = _peft_config(peft_config)
         self.val_exact_match = MeanMetric()
         self.test_exact_match = MeanMetric()
         self.model: PreTrainedModel | None = None
         self.tokenizer: Any = None
         self.pause_token_id: int | None = None
         self.pad_token_id: int | None = None
-        hf_model, saved_tokenizer = self._resolve_model(model)
+        hf_model, saved_tokenizer = self._resolve_model(model, model_kwargs or {})
+        if hf_model is model and isinstance(model, PreTrainedModel):
+            hf_model = copy.deepcopy(model)  # the caller's object stays as it was (see the Note)
         if tokenizer is None and saved_tokenizer is None:
             # No tokenizer yet (the CLI case: the datamodule has it): the model is built in setup(). A tuple keeps
             # a model object from being registered as a submodule until then.
@@ -317,7 +392,7 @@ class PauseTokenLM(pl.LightningModule):
 
     # -- building ------------------------------------------------------------------------------------------------------
     @staticmethod
-    def _resolve_model(model: Any) -> tuple[PreTrainedModel | PretrainedConfig, Any]:
+    def _resolve_model(model: Any, model_kwargs: dict[str, Any]) -> tuple[PreTrainedModel | PretrainedConfig, Any]:
         """The model (or config) and, for a directory or checkpoint, the tokenizer saved with it."""
         if isinstance(model, (PreTrainedModel, PretrainedConfig)):
             return model, None
@@ -326,7 +401,8 @@ class PauseTokenLM(pl.LightningModule):
             if path.is_file():
                 return _load_lightning_checkpoint(str(path))
             if path.is_dir() and (path / "config.json").is_file():
-                hf_model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+                kwargs = {"local_files_only": True, **model_kwargs}
+                hf_model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
                 has_tok = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
                 return hf_model, (load_tokenizer(str(path)) if has_tok else None)
             raise ValueError(
@@ -346,9 +422,19 @@ class PauseTokenLM(pl.LightningModule):
         raise ValueError("The tokenizer has neither a pad nor an EOS token: set `tokenizer.pad_token` before passing it.")
 
     def _build(self, model: Any, tokenizer: Any, saved_tokenizer: Any = None) -> None:
-        self.tokenizer, self.model = self._add_pause_token(tokenizer, model, self.pause_token, saved_tokenizer)
+        tokenizer, model = self._add_pause_token(tokenizer, model, self.pause_token, saved_tokenizer)
+        self.tokenizer = tokenizer
         self.pause_token_id = self.tokenizer.convert_tokens_to_ids(self.pause_token)
         self.pad_token_id = self._pad_id(self.tokenizer)
+        if self.peft_config is not None:
+            from peft import get_peft_model
+
+            config = copy.deepcopy(self.peft_config)
+            if self.uses_pauses and not config.trainable_token_indices:
+                config.trainable_token_indices = [self.pause_token_id]  # the new row trains, no other row does
+            self.peft_config = config  # what the checkpoint records: the adapters exactly as built
+            model = get_peft_model(model, config)
+        self.model = model
 
     def _add_pause_token(self, tokenizer: Any, model: Any, pause_token: str, saved_tokenizer: Any = None) -> tuple:
         """Add ``<pause>`` to (a copy of) the tokenizer and a row for it to the embeddings, initialised sensibly.
@@ -386,7 +472,8 @@ class PauseTokenLM(pl.LightningModule):
 
         if isinstance(model, PretrainedConfig):
             config = copy.deepcopy(model)
-            config.vocab_size = vocab_size
+            # a new model gets the tokenizer's size; a trained model's stored config keeps its (possibly padded) size
+            config.vocab_size = vocab_size if model_pause_id is None else max(vocab_size, config.vocab_size)
             # a from-scratch model takes its special ids from the tokenizer, not from the config's defaults
             for name in ("bos_token_id", "eos_token_id"):
                 setattr(config, name, tokenizer.eos_token_id)
@@ -483,6 +570,14 @@ class PauseTokenLM(pl.LightningModule):
             )
         elif self.mode == "pretrain" and getattr(datamodule, "max_length", None) is not None:
             needed, what = datamodule.max_length, f"sequences of {datamodule.max_length} tokens"
+            with_pauses = datamodule.max_length + round(self.pretrain_pause_fraction * datamodule.max_length)
+            if context is not None and needed <= context < with_pauses:
+                rank_zero_warn(
+                    f"PauseTokenLM: blocks of {needed} tokens plus {self.pretrain_pause_fraction:.0%} pauses need "
+                    f"{with_pauses} positions, more than the context of {context}: each block's overflow trains in an "
+                    "extra row (every token is still trained once, at extra compute). To pack with room for the "
+                    f"pauses, use blocks of at most {int(context / (1 + self.pretrain_pause_fraction))} tokens."
+                )
         if context is not None and needed is not None and needed > context:
             raise ValueError(
                 f"{what} need {needed} positions but the model's context is {context}: raise the config's "
@@ -492,6 +587,15 @@ class PauseTokenLM(pl.LightningModule):
     def on_train_start(self) -> None:
         if self.uses_pauses:
             self.model.config.pause_token_trained = True
+        dtype = next(self.model.parameters()).dtype
+        if dtype in (torch.bfloat16, torch.float16) and "true" not in str(self.trainer.precision):
+            rank_zero_warn(
+                f"PauseTokenLM: the model's weights are {dtype} and the Trainer's precision is "
+                f"{self.trainer.precision!r}: they train in pure {dtype} (no float32 master weights). For mixed "
+                "precision load them in float32 (`model_kwargs={'dtype': 'float32'}`) with precision='bf16-mixed'."
+            )
+        else:
+            rank_zero_info(f"PauseTokenLM trains {type(self.model).__name__} with {dtype} weights.")
 
     # -- training ------------------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
@@ -509,14 +613,13 @@ class PauseTokenLM(pl.LightningModule):
         mask = batch.get("attention_mask")
         if pauses and self.pretrain_pause_fraction > 0:
             ids, mask = insert_pauses(
-                ids,
-                mask,
-                self.pause_token_id,
-                self.pretrain_pause_fraction,
-                self._generator(ids.device, batch_idx),
+                ids, mask, self.pause_token_id, self.pretrain_pause_fraction, self._generator(ids.device, batch_idx),
                 self.pad_token_id,
-                max_length=self.context_length,
             )
+            labels = pretrain_labels(ids, mask, self.pause_token_id)
+            if self.context_length is not None:  # a block that filled the context spills into a second row
+                ids, mask, labels = split_overflow(ids, mask, labels, self.context_length)
+            return {"input_ids": ids, "attention_mask": mask, "labels": labels}
         self._check_length(ids.shape[1], "a training sequence")
         return {"input_ids": ids, "attention_mask": mask, "labels": pretrain_labels(ids, mask, self.pause_token_id)}
 
@@ -613,7 +716,9 @@ class PauseTokenLM(pl.LightningModule):
         Args:
             prompts: prompt strings (tokenized like the finetuning data) or lists of token ids.
             num_pauses: ``M_inf``; defaults to ``num_pauses`` of the module (``M_ft``).
-            max_new_tokens: most answer tokens per prompt; decoding stops earlier at EOS.
+            max_new_tokens: most answer tokens per prompt; decoding stops earlier at an end token
+                (:attr:`eos_token_ids`: the model's generation config's, e.g. a chat model's turn end, and the
+                tokenizer's EOS).
             filler_token: append this token instead of the pause (the paper's filler ablation, e.g. ``"."``).
             generate_kwargs: passed to ``transformers`` ``generate`` (``do_sample``, ``num_beams``, ``temperature``...;
                 greedy by default).
@@ -655,6 +760,8 @@ class PauseTokenLM(pl.LightningModule):
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         kwargs: dict[str, Any] = dict(do_sample=False)
         kwargs.update(generate_kwargs)
+        eos = self.eos_token_ids if kwargs.get("eos_token_id") is None else _as_list(kwargs.pop("eos_token_id"))
+        kwargs.pop("eos_token_id", None)
         suppress = sorted({self.pause_token_id, *(kwargs.pop("suppress_tokens", None) or [])})
         was_training = self.model.training
         self.model.eval()
@@ -665,18 +772,28 @@ class PauseTokenLM(pl.LightningModule):
                 max_new_tokens=max_new_tokens,
                 suppress_tokens=suppress,
                 pad_token_id=self.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
+                eos_token_id=eos,
                 **kwargs,
             )
         finally:
             self.model.train(was_training)
         answers = []
-        eos = self.tokenizer.eos_token_id
         for row in out[:, input_ids.shape[1] :].tolist():
-            answers.append(row[: row.index(eos)] if eos in row else row)
+            stop = next((i for i, t in enumerate(row) if t in eos), len(row))
+            answers.append(row[:stop])
         if as_text:
             return [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
         return answers
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The ids that end an answer: the model's generation config's (a chat model's turn-end tokens included),
+        else the tokenizer's EOS."""
+        model_eos = getattr(getattr(self._require_model(), "generation_config", None), "eos_token_id", None)
+        ids = _as_list(model_eos) if model_eos is not None else []
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(int(self.tokenizer.eos_token_id))
+        return ids
 
     def _token_id(self, token: str, name: str) -> int:
         ids = self.tokenizer(token, add_special_tokens=False)["input_ids"]
@@ -691,17 +808,35 @@ class PauseTokenLM(pl.LightningModule):
 
     # -- saving ---------------------------------------------------------------------------------------------------------
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "PauseTokenLM":  # type: ignore[override]
-        """Lightning's ``load_from_checkpoint``; the tokenizer (with the pause token) defaults to the checkpoint's.
-
-        A CLI-built checkpoint also rebuilds its model from the stored config, so ``load_from_checkpoint(path)`` needs no
-        argument; a Python-built one needs ``model=`` (a config or a fresh model of the same architecture).
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None, strict: bool | None = None, **kwargs: Any
+    ) -> "PauseTokenLM":
+        """Lightning's ``load_from_checkpoint``; the tokenizer (with the pause token) and, for a checkpoint written
+        from Python, the model's architecture default to the checkpoint's, so ``load_from_checkpoint(path)`` needs no
+        argument either way (a CLI-built checkpoint rebuilds its model from the stored config). The file is read once.
         """
-        if kwargs.get("tokenizer") is None:
-            meta = torch.load(checkpoint_path, map_location="cpu", weights_only=True).get(_CKPT_KEY)
-            if meta is not None:
-                kwargs["tokenizer"] = tokenizer_from_files(meta["tokenizer_files"])
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        checkpoint = _read_checkpoint(checkpoint_path)
+        meta = checkpoint.get(_CKPT_KEY)
+        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        if meta is not None and kwargs.get("tokenizer") is None:
+            kwargs["tokenizer"] = tokenizer_from_files(meta["tokenizer_files"])
+        if meta is None or "_instantiator" in hparams or hparams_file is not None:
+            # not ours, or built by the CLI: Lightning's loader (the mapped file is not read twice)
+            return super().load_from_checkpoint(
+                checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, **kwargs
+            )
+        params = inspect.signature(cls.__init__).parameters
+        init = {k: v for k, v in {**hparams, **kwargs}.items() if k in params}
+        if init.get("model") is None:
+            init["model"] = _stored_config(meta)  # the architecture; the weights come from the state dict below
+        if init.get("peft_config") is None and meta.get("peft_config") is not None:
+            init["peft_config"] = _stored_peft_config(meta)
+        module = cls(**init)
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"], strict=True if strict is None else strict)
+        if map_location is not None:
+            module.to(map_location if not isinstance(map_location, dict) else "cpu")
+        return module
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         if self.model is None and any(k.startswith("model.") for k in state_dict):
@@ -719,6 +854,7 @@ class PauseTokenLM(pl.LightningModule):
             "pause_token_id": self.pause_token_id,
             "pause_token_trained": bool(self.model.config.pause_token_trained),
             "config": self.model.config.to_dict(),
+            "peft_config": None if self.peft_config is None else _plain(self.peft_config.to_dict()),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -742,7 +878,9 @@ class PauseTokenLM(pl.LightningModule):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the model and its tokenizer (with the pause token) as a Hugging Face directory.
 
-        ``PauseTokenLM(model=directory)`` reloads both; so do ``AutoModelForCausalLM`` / ``AutoTokenizer``.
+        ``PauseTokenLM(model=directory)`` reloads both; so do ``AutoModelForCausalLM`` / ``AutoTokenizer``. With
+        ``peft_config`` it writes PEFT's adapter directory (adapters and the trained pause row) and the tokenizer:
+        ``PeftModel.from_pretrained(base, directory)`` on the base model with the pause token added reloads it.
         """
         self._require_model()
         self.model.save_pretrained(directory)
@@ -757,6 +895,39 @@ def _exact_match(logits: torch.Tensor, labels: torch.Tensor, pause_token_id: int
     labelled = target != IGNORE_INDEX
     right = (logits.argmax(dim=-1) == target) | ~labelled
     return right.all(dim=1) & labelled.any(dim=1)
+
+
+def _peft_config(config: Any) -> Any:
+    """A ``peft.LoraConfig`` from a config object or its dict (None stays None)."""
+    if config is None:
+        return None
+    from peft import LoraConfig, PeftConfig, get_peft_config
+
+    if isinstance(config, dict):
+        config = get_peft_config({"peft_type": "LORA", "task_type": "CAUSAL_LM", **config})
+    if not isinstance(config, PeftConfig):
+        raise TypeError(f"`peft_config` must be a peft LoraConfig or its dict, got {type(config).__name__}.")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"`peft_config` must be a LoraConfig (adapters + a trainable pause row), got {type(config).__name__}.")
+    return copy.deepcopy(config)
+
+
+def _plain(value: Any) -> Any:
+    """A PEFT config dict as plain data (sets become sorted lists, enums strings): checkpoints load with weights_only."""
+    if isinstance(value, enum.Enum):  # PeftType / TaskType subclass str: test before str
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        items = [_plain(v) for v in value]
+        return sorted(items, key=str) if isinstance(value, set) else items
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(getattr(value, "value", value))
+
+
+def _as_list(ids: Any) -> list[int]:
+    return [int(i) for i in ids] if isinstance(ids, (list, tuple)) else [int(ids)]
 
 
 def _check_num_pauses(value: Any, name: str) -> int:

@@ -24,7 +24,6 @@ The nearest neighbours are exact (:mod:`lightning_methods._knn`: blocked matrix 
 
 from __future__ import annotations
 
-import difflib
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -35,11 +34,13 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_methods._distributed import map_in_order, world
 from lightning_methods._knn import BACKENDS, build_knn_index, faiss_available
+from lightning_methods._layers import default_embedding_layer, forward_with_embedding
 from lightning_methods._utils import check_targets, probe_output
 from lightning_methods.classifier import ClassifierModule, hard_targets
 
@@ -48,7 +49,7 @@ __all__ = ["ResMem", "residuals", "resmem_weights", "combine", "base_prediction"
 TASKS = ("classification", "regression")
 #: the grid of :meth:`ResMem.tune` when none is given (the paper-brief's CPU-scale grid)
 DEFAULT_TUNE_GRID: dict[str, list[float]] = {"k": [5, 20, 50], "sigma": [0.05, 0.2], "temperature": [1.0, 2.0]}
-_MEMORY = ("memory_embeddings", "memory_outputs", "memory_targets")
+_MEMORY = ("memory_embeddings", "memory_outputs", "memory_targets", "memory_residual_values", "memory_residual_index")
 
 
 # -- the math of ResMem (pure functions) ---------------------------------------------------------------------------
@@ -87,22 +88,6 @@ def _check_hyperparameters(k: Any, sigma: Any, temperature: Any) -> None:
         raise ValueError(f"`temperature` must be a positive number, got {temperature!r}.")
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def _gather_in_order(local: torch.Tensor, n: int, world: int) -> torch.Tensor:
-    """All-gather rows ``rank, rank + world, ...`` of every rank back into rows ``0 .. n - 1`` on every rank."""
-    per_rank = -(-n // world)
-    padded = local.new_zeros((per_rank, *local.shape[1:]))
-    padded[: len(local)] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.stack(parts, dim=1).reshape(per_rank * world, *local.shape[1:])[:n]
-
-
 def _resize_memory_hook(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     """Let ``load_state_dict`` replace the memory whatever its size (an empty memory included)."""
     for name in _MEMORY:
@@ -110,23 +95,6 @@ def _resize_memory_hook(module: nn.Module, state_dict: dict, prefix: str, *args:
         if value is not None:
             setattr(module, name, torch.empty_like(value, device=getattr(module, name).device))
     module._memory_version += 1
-
-
-class _Capture:
-    """A forward hook that keeps a submodule's output (the embedding) during one forward pass."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        self.layer, self.output = layer, None
-
-    def __enter__(self) -> _Capture:
-        self.handle = self.layer.register_forward_hook(self._hook)
-        return self
-
-    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        self.output = output[0] if isinstance(output, (tuple, list)) else output
-
-    def __exit__(self, *exc: Any) -> None:
-        self.handle.remove()
 
 
 class ResMem(ClassifierModule):
@@ -160,6 +128,10 @@ class ResMem(ClassifierModule):
         knn_backend: ``"torch"`` (exact blocked search on the model's device) or ``"faiss"`` (``IndexFlatL2``, CPU;
             needs ``faiss-cpu``); both return the same neighbours.
         block_size: keys per tile of the torch search (a tile holds ``512 x block_size`` scores).
+        residual_top_m: keep only the ``m`` largest-magnitude entries of each memorised residual (the paper's
+            sparse residuals for large label spaces, Sec. 3): once the memory is built and tuned, it holds
+            ``N x m`` values and class indices instead of the ``N x C`` outputs and targets. ``None`` keeps the
+            dense memory, which ``tune`` needs (the residuals depend on the temperature).
         memory_batch_size: batch size of the memory pass and of tuning.
         save_path: where to write a checkpoint (weights, memory, chosen hyperparameters) once ``fit`` has built the
             memory. Checkpoints that ``ModelCheckpoint`` writes during ``fit`` predate the memory.
@@ -173,7 +145,17 @@ class ResMem(ClassifierModule):
         the training dataloader's dataset, in order and without its sampler. It is part of the ``state_dict`` (the
         ``memory_*`` buffers, with ``k``, ``sigma`` and ``temperature`` as extra state), so it is saved in
         checkpoints, restored by ``load_from_checkpoint`` and sent back from ``ddp_spawn`` workers; loading a
-        checkpoint written before the memory existed empties it. Memory size is ``N x (dim + 2 C)`` floats.
+        checkpoint written before the memory existed empties it. Memory size (:attr:`memory_bytes`) is
+        ``N x (dim + C)`` floats plus ``N`` integer labels (soft targets: ``N x C`` more floats), or
+        ``N x (dim + 2 m)`` numbers with ``residual_top_m=m``.
+
+        One rule for ``(k, sigma, temperature)``: they belong to the memory. What ``tune`` chooses is written into
+        ``hparams`` (so the checkpoint's hyperparameters hold it) and saved with the memory, and ``load_state_dict``
+        restores it (also when a ``ddp_spawn`` worker hands its state back); a value given explicitly that differs
+        from the saved one (``load_from_checkpoint(path, k=5)``, or a module built with another ``k`` and resumed)
+        wins over it. ``fit`` trains a new base model, so it drops the
+        memory of the previous one when it starts (nothing is evaluated against a stale memory) and builds a new one
+        when training ends. :meth:`predict` always runs the backbone in eval mode.
 
     Example::
 
@@ -199,6 +181,7 @@ class ResMem(ClassifierModule):
         tune_grid: dict[str, list[float]] | None = None,
         knn_backend: Literal["torch", "faiss"] = "torch",
         block_size: int = 4096,
+        residual_top_m: int | None = None,
         memory_batch_size: int = 512,
         save_path: str | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -218,18 +201,24 @@ class ResMem(ClassifierModule):
             raise ValueError(f"`knn_backend` must be one of {BACKENDS}, got {knn_backend!r}.")
         if knn_backend == "faiss" and not faiss_available():
             raise ValueError("`knn_backend='faiss'` needs faiss (`pip install faiss-cpu`); or use 'torch' (exact, same results).")
+        if residual_top_m is not None and task != "classification":
+            raise ValueError("`residual_top_m` (sparse residuals) is for classification; leave it None for regression.")
+        if residual_top_m is not None and (isinstance(residual_top_m, bool) or not isinstance(residual_top_m, int)
+                                           or not 1 <= residual_top_m <= num_classes):
+            raise ValueError(f"`residual_top_m` must be an integer in [1, num_classes={num_classes}], got {residual_top_m!r}.")
         for name, value in (("block_size", block_size), ("memory_batch_size", memory_batch_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         self.task = task
         self.num_classes = num_classes
-        self.embedding_layer = self._resolve_embedding_layer(model, embedding_layer)
+        self.embedding_layer = default_embedding_layer(model, embedding_layer)
         self.k, self.sigma, self.temperature = k, float(sigma), float(temperature)
         self.normalize = normalize
         self.tune_on_val = tune_on_val
         self.tune_grid = self._check_grid(tune_grid) if tune_grid is not None else None
         self.knn_backend = knn_backend
         self.block_size = block_size
+        self.residual_top_m = residual_top_m
         self.memory_batch_size = memory_batch_size
         self.save_path = save_path
         for name in _MEMORY:
@@ -245,26 +234,6 @@ class ResMem(ClassifierModule):
             self.test_mse, self.test_resmem_mse = MeanSquaredError(), MeanSquaredError()
 
     # -- configuration checks ----------------------------------------------------------------------------------------
-    @staticmethod
-    def _resolve_embedding_layer(model: nn.Module, name: str | None) -> str:
-        if name is None:
-            name = getattr(model, "PENULTIMATE", None)
-            if name is None:
-                raise ValueError(
-                    f"`embedding_layer` is not set and {type(model).__name__} has no `PENULTIMATE` attribute: name the "
-                    "submodule whose output is the embedding, e.g. `embedding_layer='avgpool'` for a torchvision ResNet."
-                )
-        if not isinstance(name, str):
-            raise TypeError(f"`embedding_layer` must be a submodule name (str), got {type(name).__name__}.")
-        names = [n for n, _ in model.named_modules() if n]
-        if name not in names:
-            close = difflib.get_close_matches(name, names, n=5) or names[:10]
-            raise ValueError(
-                f"`embedding_layer={name!r}`: {type(model).__name__} has no submodule of that name. "
-                f"Pick the layer whose output is the penultimate representation; candidates: {close}."
-            )
-        return name
-
     @staticmethod
     def _check_grid(grid: dict[str, Sequence[float]]) -> dict[str, list]:
         if not isinstance(grid, dict) or not set(grid) <= set(DEFAULT_TUNE_GRID):
@@ -298,6 +267,25 @@ class ResMem(ClassifierModule):
                 raise ValueError(f"`k={self.k}` is larger than the training set ({n} examples): the memory holds {n}.")
             if self.tune_on_val and len(dm.dataset("val")) == 0:
                 raise ValueError("`tune_on_val=True` needs a validation split; the datamodule's is empty.")
+            if self.tune_on_val:
+                self._tune_grid_for(n)  # every grid value checked now, not after training
+
+    def _tune_grid_for(self, n: int) -> dict[str, list]:
+        """The tuning grid for a memory of ``n`` examples: a given grid must fit it; the default grid is clipped."""
+        if self.tune_grid is not None:
+            too_large = [k for k in self.tune_grid.get("k", []) if k > n]
+            if too_large:
+                raise ValueError(
+                    f"`tune_grid['k']` holds {too_large}, more neighbours than the {n} training examples the memory "
+                    f"will hold: use values <= {n}."
+                )
+            return self.tune_grid
+        grid = dict(DEFAULT_TUNE_GRID)
+        ks = [k for k in grid["k"] if k <= n]
+        if len(ks) < len(grid["k"]):
+            rank_zero_info(f"ResMem: the default tuning grid's k is clipped to the {n} training examples: k in {ks or [n]}.")
+        grid["k"] = ks or [n]
+        return grid
 
     # -- the embedding pass ----------------------------------------------------------------------------------------
     def _forward_with_embedding(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,20 +293,8 @@ class ResMem(ClassifierModule):
         return self._with_embedding(lambda: self.model(x))
 
     def _with_embedding(self, forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        layer = self.model.get_submodule(self.embedding_layer)
-        with _Capture(layer) as captured:
-            outputs = forward()
-        if not isinstance(captured.output, torch.Tensor):
-            raise ValueError(
-                f"`embedding_layer={self.embedding_layer!r}` ({type(layer).__name__}) did not produce a tensor in "
-                f"{type(self.model).__name__}'s forward (is it called there?). Pick a submodule that forward runs."
-            )
-        if captured.output.shape[0] != outputs.shape[0]:
-            raise ValueError(
-                f"`embedding_layer={self.embedding_layer!r}` outputs shape {tuple(captured.output.shape)}, not one "
-                f"row per example ({outputs.shape[0]}): pick a layer whose output is (batch, ...)."
-            )
-        emb = captured.output.flatten(1).float()
+        outputs, emb = forward_with_embedding(self.model, self.embedding_layer, None, lambda _: forward())
+        emb = emb.float()
         return outputs, F.normalize(emb, dim=1) if self.normalize else emb
 
     def _flat_outputs(self, outputs: torch.Tensor) -> torch.Tensor:
@@ -333,7 +309,7 @@ class ResMem(ClassifierModule):
     def _memory_targets(self, targets: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
         if self.task == "classification":
             check_targets(outputs, targets)
-            return F.one_hot(targets, self.num_classes).float() if targets.ndim == 1 else targets.float()
+            return targets if targets.ndim == 1 else targets.float()  # class indices stay integers (N,)
         flat = outputs.reshape(len(outputs), -1)
         if targets.numel() != flat.numel():
             raise ValueError(f"Regression targets of shape {tuple(targets.shape)} do not match outputs {tuple(outputs.shape)}.")
@@ -352,33 +328,21 @@ class ResMem(ClassifierModule):
             batch_size: examples per forward; defaults to ``memory_batch_size``.
 
         Returns:
-            ``(embeddings (N, dim), outputs (N, C), targets (N, C))`` with one-hot or soft targets for classification.
+            ``(embeddings (N, dim), outputs (N, C), targets)`` with targets class indices ``(N,)`` or soft ``(N, C)``
+            for classification.
         """
-        collate = None
-        if isinstance(data, DataLoader):
-            data, collate = data.dataset, data.collate_fn
-        if isinstance(data, IterableDataset) or not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
-            raise TypeError(f"ResMem needs a map-style dataset (indexable, with a length), got {type(data).__name__}.")
-        world, rank = _world()
-        n = len(data)
-        if n < world:
-            raise ValueError(f"The dataset has {n} examples, fewer than the {world} processes that share it.")
-        loader = DataLoader(
-            Subset(data, range(rank, n, world)), batch_size=batch_size or self.memory_batch_size, shuffle=False, collate_fn=collate
-        )
         was_training = self.model.training
         self.model.eval()
-        parts: list[list[torch.Tensor]] = [[], [], []]
+
+        def one_batch(batch: Any) -> tuple[torch.Tensor, ...]:
+            x, y = move_data_to_device((batch[0], batch[1]), self.device)
+            outputs, emb = self._forward_with_embedding(x)
+            return emb, self._flat_outputs(outputs), self._memory_targets(y, outputs)
+
         try:
-            for batch in loader:
-                x, y = move_data_to_device((batch[0], batch[1]), self.device)
-                outputs, emb = self._forward_with_embedding(x)
-                for store, value in zip(parts, (emb, self._flat_outputs(outputs), self._memory_targets(y, outputs))):
-                    store.append(value)
+            return map_in_order(data, one_batch, batch_size or self.memory_batch_size)
         finally:
             self.model.train(was_training)
-        local = [torch.cat(p) for p in parts]
-        return tuple(_gather_in_order(t, n, world) for t in local) if world > 1 else tuple(local)
 
     # -- the memory ------------------------------------------------------------------------------------------------
     @property
@@ -392,9 +356,47 @@ class ResMem(ClassifierModule):
 
     @property
     def memory_residuals(self) -> torch.Tensor:
-        """The memorized residuals ``r_i = y_i - f(x_i)`` at the current temperature, ``(N, C)``."""
+        """The memorized residuals ``r_i = y_i - f(x_i)`` at the current temperature, ``(N, C)`` (dense)."""
         self._require_memory()
-        return residuals(self.memory_targets, self.memory_outputs, self.temperature, self.task)
+        return self._residuals_of(torch.arange(self.memory_size, device=self.memory_embeddings.device))
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the memory buffers."""
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in _MEMORY)
+
+    @property
+    def is_sparse(self) -> bool:
+        """Whether the memory holds top-m sparse residuals (:meth:`sparsify`) instead of outputs and targets."""
+        return self.memory_residual_values.numel() > 0
+
+    def _dense_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        if self.task == "classification" and not targets.is_floating_point():
+            return F.one_hot(targets, self.num_classes).to(self.memory_outputs.dtype)
+        return targets
+
+    def _residuals_of(self, idx: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """Residuals of the memory rows ``idx`` (any shape), ``(*idx.shape, C)``."""
+        if self.is_sparse:
+            values, index = self.memory_residual_values[idx], self.memory_residual_index[idx]
+            dense = values.new_zeros(*idx.shape, self.num_classes)
+            return dense.scatter_(-1, index.long(), values)
+        t = self.temperature if temperature is None else temperature
+        return residuals(self._dense_targets(self.memory_targets[idx]), self.memory_outputs[idx], t, self.task)
+
+    def sparsify(self, m: int) -> None:
+        """Keep the ``m`` largest-magnitude entries of each residual at the current temperature (Sec. 3 of the
+        paper) and drop the dense outputs and targets; ``tune`` is no longer possible afterwards."""
+        self._require_memory()
+        if self.task != "classification" or self.is_sparse:
+            raise RuntimeError("sparsify() needs a dense classification memory.")
+        r = self.memory_residuals
+        index = r.abs().topk(m, dim=1).indices
+        # class indices in the narrowest integer type that holds them (the memory is the point of sparsifying)
+        small = torch.int16 if self.num_classes <= 2**15 else torch.int32
+        self.memory_residual_values, self.memory_residual_index = r.gather(1, index), index.to(small)
+        self.memory_outputs, self.memory_targets = r.new_empty(0), r.new_empty(0)
+        self._memory_version += 1
 
     def build_memory(self, data: Dataset | DataLoader, batch_size: int | None = None) -> None:
         """Embed the training set once and memorize it (see :meth:`embed` for ``data`` and DDP behaviour).
@@ -406,6 +408,13 @@ class ResMem(ClassifierModule):
         if self.k > len(embeddings):
             raise ValueError(f"`k={self.k}` is larger than the memory ({len(embeddings)} examples): use `k <= {len(embeddings)}`.")
         self.memory_embeddings, self.memory_outputs, self.memory_targets = embeddings, outputs, targets
+        self.memory_residual_values, self.memory_residual_index = embeddings.new_empty(0), embeddings.new_empty(0, dtype=torch.long)
+        self._memory_version += 1
+
+    def clear_memory(self) -> None:
+        """Empty the memory (``fit`` does this when it starts: the memory belongs to the previous base model)."""
+        for name in _MEMORY:
+            setattr(self, name, getattr(self, name).new_empty(0))
         self._memory_version += 1
 
     def _require_memory(self) -> None:
@@ -425,19 +434,25 @@ class ResMem(ClassifierModule):
 
     def _combine(self, outputs: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         sq_dists, idx = self.search(embeddings)
-        r = residuals(self.memory_targets[idx], self.memory_outputs[idx], self.temperature, self.task)
+        r = self._residuals_of(idx)
         base = base_prediction(self._flat_outputs(outputs), self.temperature, self.task)
         return combine(base, r, sq_dists, self.sigma)
 
     @torch.no_grad()
     def predict(self, x: Any) -> torch.Tensor:
-        """ResMem prediction ``f(x) + sum_i w_i r_i`` for a batch of inputs (call ``eval()`` first, as for ``forward``).
+        """ResMem prediction ``f(x) + sum_i w_i r_i`` for a batch of inputs, with the backbone in eval mode (no
+        dropout; its mode is restored afterwards).
 
         Returns scores ``(N, C)`` for classification (argmax gives the class; not a distribution) or predictions in
         the backbone's output shape for regression.
         """
         self._require_memory()
-        outputs, emb = self._forward_with_embedding(x)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            outputs, emb = self._forward_with_embedding(x)
+        finally:
+            self.model.train(was_training)
         return self._combine(outputs, emb).reshape(outputs.shape)
 
     # -- choosing (k, sigma, T) ------------------------------------------------------------------------------------
@@ -468,6 +483,8 @@ class ResMem(ClassifierModule):
             every grid point's score.
         """
         self._require_memory()
+        if self.is_sparse:
+            raise RuntimeError("The memory holds sparse residuals (`residual_top_m`): tune before `sparsify`.")
         if k is None and sigma is None and temperature is None:
             grid = self._check_grid(DEFAULT_TUNE_GRID)
         else:
@@ -485,7 +502,7 @@ class ResMem(ClassifierModule):
         sq_dists, idx = self.search(emb, max(ks), exclude)  # raises for k larger than the memory
 
         classification = self.task == "classification"
-        labels = targets.argmax(1) if classification else targets
+        labels = (targets.argmax(1) if targets.ndim == 2 else targets) if classification else targets
 
         def score(pred: torch.Tensor) -> float:
             if classification:
@@ -496,7 +513,7 @@ class ResMem(ClassifierModule):
         results, best = [], None
         for t in temps:
             base = base_prediction(outputs, t, self.task)
-            r = residuals(self.memory_targets[idx], self.memory_outputs[idx], t, self.task)
+            r = self._residuals_of(idx, t)
             for kk, s in itertools.product(ks, sigmas):
                 value = score(combine(base, r[:, :kk], sq_dists[:, :kk], s))
                 results.append({"k": kk, "sigma": s, "temperature": t, "score": value})
@@ -504,10 +521,11 @@ class ResMem(ClassifierModule):
                     best = results[-1]
         assert best is not None
         choice = [best]
-        if _world()[0] > 1:  # identical inputs give identical choices; rank 0's is authoritative all the same
+        if world()[0] > 1:  # identical inputs give identical choices; rank 0's is authoritative all the same
             dist.broadcast_object_list(choice, src=0)
         best = choice[0]
         self.k, self.sigma, self.temperature = best["k"], best["sigma"], best["temperature"]
+        self.hparams.update(k=self.k, sigma=self.sigma, temperature=self.temperature)  # what a checkpoint records
         return {
             **best,
             "base_score": score(base_prediction(outputs, 1.0, self.task)),
@@ -521,12 +539,10 @@ class ResMem(ClassifierModule):
             return super().loss(logits, targets)
         return F.mse_loss(self._flat_outputs(logits), self._memory_targets(targets, logits))
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def update_train_metrics(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         if self.task == "classification":
-            return super().training_step(batch, batch_idx)
-        loss = self.loss(self(batch[0]), batch[1])
-        self.train_loss_mean.update(loss.detach(), len(batch[1]))  # logged per epoch by ClassifierModule
-        return loss
+            return super().update_train_metrics(loss, logits, targets)
+        self.train_loss_mean.update(loss.detach(), len(targets))  # no accuracy in regression
 
     def _nothing_to_train(self) -> bool:
         trainer = self.trainer
@@ -535,6 +551,8 @@ class ResMem(ClassifierModule):
     def on_fit_start(self) -> None:
         if self._nothing_to_train():  # a trained backbone: build the memory now, on the device, under DDP
             self._build_after_fit()
+        else:  # a memory from an earlier fit belongs to the old base model: never evaluate against it
+            self.clear_memory()
 
     def on_train_end(self) -> None:
         # not `on_fit_end`: by then the strategy has torn down (model moved to CPU)
@@ -559,13 +577,15 @@ class ResMem(ClassifierModule):
     def _build_after_fit(self) -> None:
         self.build_memory(self._fit_data("train"))
         if self.tune_on_val:
-            grid = self.tune_grid or DEFAULT_TUNE_GRID
+            grid = self._tune_grid_for(self.memory_size)
             result = self.tune(self._fit_data("val"), **grid)
             rank_zero_info(
                 f"ResMem tuned on the validation split: k={result['k']}, sigma={result['sigma']}, "
                 f"temperature={result['temperature']}: {result['metric']} {result['base_score']:.4f} (base) -> "
                 f"{result['score']:.4f} (ResMem)."
             )
+        if self.residual_top_m is not None:
+            self.sparsify(self.residual_top_m)
         if self.save_path:
             self.trainer.save_checkpoint(self.save_path)
 
@@ -580,13 +600,13 @@ class ResMem(ClassifierModule):
     def on_test_start(self) -> None:
         self._warn_without_memory()
 
-    def _evaluate(self, batch: Any, stage: str) -> None:
+    def evaluate(self, batch: Any, stage: str) -> None:
         # one forward gives the base model's outputs and the embedding; metrics accumulate and are logged once per
         # epoch, as ClassifierModule does
         x, y = batch[0], batch[1]
         outputs, emb = self._forward_with_embedding(x)
         if self.task == "classification":
-            self._update_eval_metrics(outputs, y, stage)
+            self.update_eval_metrics(outputs, y, stage)
             if self.has_memory:
                 getattr(self, f"{stage}_resmem_acc").update(self._combine(outputs, emb), hard_targets(y))
             return
@@ -595,9 +615,9 @@ class ResMem(ClassifierModule):
         if self.has_memory:
             getattr(self, f"{stage}_resmem_mse").update(self._combine(outputs, emb), targets)
 
-    def _epoch_metrics(self, stage: str) -> list[str]:
+    def epoch_metrics(self, stage: str) -> list[str]:
         names = ("resmem_acc",) if self.task == "classification" else ("mse", "resmem_mse")
-        return super()._epoch_metrics(stage) + [f"{stage}_{name}" for name in names]
+        return super().epoch_metrics(stage) + [f"{stage}_{name}" for name in names]
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -609,7 +629,19 @@ class ResMem(ClassifierModule):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         _check_hyperparameters(state["k"], state["sigma"], state["temperature"])
-        self.k, self.sigma, self.temperature = state["k"], state["sigma"], state["temperature"]
+        overridden = self.__dict__.pop("_overridden", set())
+        for name in ("k", "sigma", "temperature"):
+            if name not in overridden:
+                setattr(self, name, state[name])
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # runs before load_state_dict: a value this module was built with that differs from the one saved with the
+        # memory was given explicitly (load_from_checkpoint(path, k=5); Lightning has already merged such overrides
+        # into checkpoint["hyper_parameters"], so compare with the saved state): it must survive set_extra_state
+        stored = (checkpoint.get("state_dict") or {}).get("_extra_state") or {}
+        self.__dict__["_overridden"] = {
+            name for name in ("k", "sigma", "temperature") if name in stored and stored[name] != getattr(self, name)
+        }
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

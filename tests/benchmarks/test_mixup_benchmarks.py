@@ -20,3 +20,10 @@ def test_mixup_speed_quick(tmp_path):
         assert f"| {arm} |" in text
     assert "| none | " in text and "1.000x" in text
     assert (tmp_path / "mixup_speed_quick.md").is_file()
+
+
+def test_mixup_cutmix_speed_quick(tmp_path):
+    text = load_benchmark("mixup_cutmix_speed").main(["--quick", "--out", str(tmp_path)])
+    for arm in ("ours_mixup", "ours_elem", "ours_batch", "timm_elem", "timm_batch"):
+        assert text.count(f"| {arm} |") == 2  # both batch shapes
+    assert (tmp_path / "mixup_cutmix_speed_quick.md").is_file()

@@ -31,9 +31,14 @@ def test_both_arms_do_the_same_work_per_step():
 
 def test_quick_run_reports_step_times_and_keeps_the_table(tmp_path):
     module = load_benchmark("overhead")
-    (row,) = module.main(["--quick", "--settings", "mlp-digits", "--out", str(tmp_path / "o.md")])
+    row, data_row = module.main(
+        ["--quick", "--settings", "mlp-digits", "--data-settings", "digits", "--out", str(tmp_path / "o.md")]
+    )
     assert row["setting"] == "mlp-digits"
     for key in ("plain_ms", "lightning_ms", "ratio", "nolog_ratio", "e2e"):
         assert math.isfinite(row[key]) and row[key] > 0, (key, row[key])
     assert row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+    # the data-path arm read one whole epoch of batches of 64
+    assert data_row["setting"] == "digits" and data_row["batches"] == -(-data_row["rows"] // 64)
+    assert data_row["ours_ms"] > 0 and data_row["ref_ms"] > 0
     assert not (tmp_path / "o.md").exists()  # --quick never overwrites a results table

@@ -108,7 +108,7 @@ def test_clear_errors_before_training():
     with pytest.raises(ValueError, match="every_n_epochs"):
         LinearityCallback(every_n_epochs=0)
 
-    with pytest.raises(ValueError, match=r"'body.nope'.*Available: .*body.block0"):
+    with pytest.raises(ValueError, match=r"'body.nope'.*Closest names: .*body.block0"):
         _fit([LinearityCallback(["body.nope"])])
 
     class TupleBlock(nn.Module):
@@ -119,6 +119,7 @@ def test_clear_errors_before_training():
         def __init__(self):
             super().__init__()
             self.flat, self.pair, self.head = nn.Flatten(), TupleBlock(), nn.Linear(64, 10)
+            self.unused = nn.Linear(64, 64)  # never called in forward
 
         def forward(self, x):
             return self.head(self.pair(self.flat(x))[0])
@@ -129,11 +130,14 @@ def test_clear_errors_before_training():
         def on_train_batch_start(self, *args):
             steps.append(1)
 
-    with pytest.raises(TypeError, match=r"'pair' returns tuple"):
-        cpu_trainer(max_epochs=1, callbacks=[LinearityCallback(["pair"]), Spy()]).fit(
+    with pytest.raises(ValueError, match=r"'unused'.*did not produce a tensor"):
+        cpu_trainer(max_epochs=1, callbacks=[LinearityCallback(["unused"]), Spy()]).fit(
             ClassifierModule(Net(), 10), DigitsDataModule()
         )
     assert steps == []  # raised in on_fit_start, before any training step
+    # a block returning a tuple (as HF blocks do) is measured on its first element, the hidden state
+    nl = LinearityCallback(["pair"], inputs=torch.rand(16, 1, 8, 8), num_samples=8).measure(Net())
+    assert math.isfinite(nl["pair"])
     with pytest.raises(ValueError, match=r"held-out inputs.*inputs="):
         LinearityCallback(["0"]).measure(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(TypeError, match=r"output=False"):

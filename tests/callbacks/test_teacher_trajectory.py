@@ -59,6 +59,10 @@ def test_checkpoints_are_listed_in_training_order(tmp_path):
     for name in ["t10.pt", "t2.pt", "t1.pt"]:
         (plain / name).write_bytes(b"")
     assert [Path(p).name for p in list_checkpoints(plain, "*.pt")] == ["t1.pt", "t2.pt", "t10.pt"]
+    # a second teacher run into the same folder: ModelCheckpoint writes epoch=0-v1.ckpt beside epoch=0.ckpt
+    (tmp_path / "epoch=1-step=20-v1.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"more than one training run.*epoch=1-step=20-v1.ckpt.*own directory"):
+        list_checkpoints(tmp_path)
 
 
 def test_index_for_epoch():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from datamodules import PromptTargetDataModule, SyntheticReasoningDataModule, TextLMDataModule
-from datamodules._tokenizer import char_tokenizer, encode_prompts, encode_targets
+from lightning_methods._tokenizer import char_tokenizer, encode_prompts, encode_targets
 from datamodules.text import SYNTHETIC_ALPHABET, wikipedia_articles
 
 PARAGRAPHS = [

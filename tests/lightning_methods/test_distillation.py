@@ -167,6 +167,8 @@ def test_switch_changes_the_loss_exactly_at_the_epoch(teacher_dir, start, end, k
         assert abs(ce - kd) > 0.05  # the two losses are distinguishable
         assert loss == pytest.approx(kd if epoch in kd_epochs else ce, abs=1e-5), (epoch, loss, ce, kd)
     assert [module.distilling(e) for e in range(4)] == [e in kd_epochs for e in range(4)]
+    # the KD term is reported only for a run whose last epoch distilled: a one-hot epoch does not keep a stale value
+    assert ("train_kd" in trainer.callback_metrics) == (3 in kd_epochs)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -190,22 +192,49 @@ def test_cached_teacher_logits_train_exactly_like_the_live_teacher(teacher_dir):
             cache_teacher_logits=cache,
         )
         dm = digits()
+        dm.setup("fit")
+        dataset = dm.train_dataset
         cpu_trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=0).fit(module, dm)
         finals.append(torch.cat([p.detach().flatten() for p in module.student.parameters()]))
+        # the user's datamodule is left alone (no wrapper dataset yielding an extra index)
+        assert type(dm.train_dataset) is type(dataset) and len(dm.train_dataset[0]) == 2
         if cache:
-            x, y, index = dm.train_dataset[7]
-            assert index == 7 and torch.allclose(module._logit_table[7], module.teacher(x[None])[0], atol=1e-5)
+            x = torch.stack([dataset[i][0] for i in (7, 3, 7)])
+            logits, found = module._cache.lookup(x)
+            assert found.all() and torch.allclose(logits, module.teacher(x), atol=1e-5)
+            _, found = module._cache.lookup(x + 1e-4)  # any change of an input misses the cache
+            assert not found.any()
     assert torch.allclose(finals[0], finals[1], atol=1e-5)
 
 
-def test_third_batch_element_is_teacher_logits_or_an_index_into_the_cache():
+def test_third_batch_element_is_teacher_logits():
     module = DistillationModule(student_net(), teacher_net(), num_classes=10)
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
     given = torch.randn(4, 10)
     assert module._teacher_logits_for([x, y, given]) is given  # a datamodule's own cached logits
     assert torch.equal(module._teacher_logits_for([x, y]), module.teacher(x))
-    with pytest.raises(ValueError, match="no teacher logits were cached"):
-        module._teacher_logits_for([x, y, torch.arange(4)])
+
+
+def test_cached_logits_with_mixup_use_the_teacher_on_the_mixed_inputs(teacher_dir):
+    # held-out review: with cached logits, MixupCallback mixed inputs and targets but the student was fitted against
+    # the teacher's logits of the unmixed inputs. Every distilling step must use the teacher's logits of the batch
+    # the student actually sees.
+    from callbacks import MixupCallback
+
+    seen = []
+
+    class Check(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            # runs after MixupCallback (callbacks run in order): record what the module will use
+            seen.append((pl_module._teacher_logits_for(batch), pl_module.teacher(batch[0])))
+
+    module = DistillationModule(student_net(), trained_teacher(teacher_dir), num_classes=10, cache_teacher_logits=True)
+    cpu_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, callbacks=[MixupCallback(alpha=1.0), Check()]).fit(
+        module, digits()
+    )
+    assert len(seen) == 3
+    for used, live in seen:
+        assert torch.allclose(used, live, atol=1e-5)
 
 
 def test_resume_reloads_the_teacher_and_matches_an_uninterrupted_run(teacher_dir, tmp_path):

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from datamodules import DigitsDataModule, SyntheticReasoningDataModule
-from datamodules._tokenizer import char_tokenizer, pad_sequences
+from lightning_methods._tokenizer import char_tokenizer, pad_sequences
 from lightning_methods import PauseTokenLM
 from lightning_methods.pause_lm import finetune_inputs, insert_pauses, pretrain_labels
 from tests.helpers import cpu_trainer, ddp_trainer
@@ -412,3 +412,111 @@ def test_bad_arguments(tok):
         cpu_trainer(max_steps=1).fit(PauseTokenLM(gpt2_config(), dm.tokenizer, mode="finetune"), dm)
     with pytest.raises(ValueError, match="different tokenizer"):
         cpu_trainer(max_steps=1).fit(PauseTokenLM(gpt2_config(), char_tokenizer("ab" + ALPHABET), mode="pretrain"), dm)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Held-out review (issue 18)
+def test_a_block_that_fills_the_context_trains_every_token_once(tok):
+    # a packed pretraining block as long as the context: inserting 10% pauses must not drop its last tokens
+    from lightning_methods.pause_lm import IGNORE_INDEX
+
+    lm = PauseTokenLM(gpt2_config(), tok, mode="pretrain", pretrain_pause_fraction=0.1)
+    context = lm.context_length
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, len(tok), (3, context), generator=g)
+    inputs = lm.pretrain_batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, pauses=True)
+    assert inputs["input_ids"].shape[1] == context  # fits the model
+    assert inputs["input_ids"].shape[0] == 6  # each block spilled into a second row
+    # every real token but each block's first is a target exactly once (HF predicts labels[1:])
+    targets = inputs["labels"][:, 1:]
+    trained = targets[targets != IGNORE_INDEX]
+    assert len(trained) == 3 * (context - 1)
+    for row in range(3):  # and the targets are the block's tokens, all of them, in order
+        first, extra = inputs["labels"][row, 1:], inputs["labels"][3 + row, 1:]
+        got = torch.cat([first[first != IGNORE_INDEX], extra[extra != IGNORE_INDEX]])
+        assert torch.equal(got, ids[row, 1:])
+    lm.model(**inputs).loss.backward()  # and the model takes the batch
+
+
+def test_generation_stops_at_the_models_end_tokens(tok):
+    lm = PauseTokenLM(gpt2_config(), tok, num_pauses=2)
+    turn_end = tok.convert_tokens_to_ids("?")
+    lm.model.generation_config.eos_token_id = [tok.eos_token_id, turn_end]  # a chat model's list of end tokens
+    assert lm.eos_token_ids == [tok.eos_token_id, turn_end]
+    calls = {}
+
+    def fake_generate(input_ids, **kwargs):  # the model "answers" 5, then its turn-end token, then junk
+        calls.update(kwargs)
+        tail = torch.tensor([[5, turn_end, 7]] * len(input_ids))
+        return torch.cat([input_ids, tail], dim=1)
+
+    lm.model.generate = fake_generate
+    assert lm.generate([[1, 2]], max_new_tokens=3) == [[5]]
+    assert calls["eos_token_id"] == [tok.eos_token_id, turn_end]
+
+
+def test_the_callers_model_is_not_modified_and_two_variants_share_a_base(tok):
+    base = AutoModelForCausalLM.from_config(gpt2_config(vocab_size=len(tok)))
+    rows = base.get_input_embeddings().weight.shape[0]
+    first = PauseTokenLM(base, tok, num_pauses=2)
+    second = PauseTokenLM(base, tok, num_pauses=5)  # failed before: the base already had a pause row, the tokenizer not
+    assert base.get_input_embeddings().weight.shape[0] == rows and getattr(base.config, "pause_token_id", None) is None
+    assert first.model is not base and second.model is not first.model
+    assert first.pause_token_id == second.pause_token_id == len(tok)
+
+
+def test_model_directory_with_from_pretrained_options_and_dtype(tok, tmp_path):
+    AutoModelForCausalLM.from_config(gpt2_config(vocab_size=len(tok))).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    as_is = PauseTokenLM(model=str(tmp_path / "m"), num_pauses=2)
+    assert next(as_is.model.parameters()).dtype == torch.bfloat16
+    as_float = PauseTokenLM(model=str(tmp_path / "m"), num_pauses=2, model_kwargs={"dtype": torch.float32})
+    assert next(as_float.model.parameters()).dtype == torch.float32
+    with pytest.raises(TypeError, match="model_kwargs"):
+        PauseTokenLM(model=str(tmp_path / "m"), model_kwargs="float32")
+
+
+def test_load_from_checkpoint_needs_nothing_for_a_python_built_checkpoint(tok, tmp_path):
+    dm = SyntheticReasoningDataModule(num_train=64, num_val=16, num_test=16, batch_size=16)
+    lm = PauseTokenLM(gpt2_config(), dm.tokenizer, num_pauses=3, optimizer=adam(3e-3))
+    trainer = cpu_trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(lm, dm)
+    trainer.save_checkpoint(tmp_path / "lm.ckpt")
+    loaded = PauseTokenLM.load_from_checkpoint(tmp_path / "lm.ckpt")  # no model=, no tokenizer=
+    assert loaded.num_pauses == 3 and loaded.pause_token_id == lm.pause_token_id
+    for a, b in zip(loaded.model.state_dict().values(), lm.model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert loaded.generate(["12+3="], max_new_tokens=4) == lm.generate(["12+3="], max_new_tokens=4)
+
+
+def test_lora_adapters_train_only_the_pause_row_of_the_embeddings_and_reload(tok, tmp_path):
+    from peft import LoraConfig
+
+    dm = SyntheticReasoningDataModule(num_train=64, num_val=16, num_test=16, batch_size=16)
+    base = AutoModelForCausalLM.from_config(llama_config(vocab_size=len(dm.tokenizer)))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    lm = PauseTokenLM(base, dm.tokenizer, num_pauses=3, optimizer=adam(1e-2), peft_config=lora)
+    pause = lm.pause_token_id
+    emb_before = lm.model.get_input_embeddings().weight.detach().clone()
+    base_before = {k: v.detach().clone() for k, v in lm.model.named_parameters() if "lora_" not in k and "token_adapter" not in k}
+    trainable = {k for k, p in lm.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in k or "token_adapter" in k for k in trainable)
+    trainer = cpu_trainer(max_steps=5, limit_val_batches=0)
+    trainer.fit(lm, dm)
+    # the input embeddings as the model now sees them: every text row exactly as before, the pause row trained
+    ids = torch.arange(len(lm.tokenizer))
+    after = lm.model.get_input_embeddings()(ids).detach()
+    text = ids != pause
+    assert torch.equal(after[text], emb_before[: len(ids)][text])
+    assert not torch.allclose(after[pause], emb_before[pause])
+    for k, v in lm.model.named_parameters():
+        if k in base_before:
+            assert torch.equal(v.detach(), base_before[k]), k  # the base model is frozen
+    # the checkpoint holds the adapters and their config: load_from_checkpoint rebuilds the same model
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    loaded = PauseTokenLM.load_from_checkpoint(tmp_path / "lora.ckpt")
+    assert loaded.peft_config is not None
+    assert loaded.generate(["12+3="], max_new_tokens=4) == lm.generate(["12+3="], max_new_tokens=4)
+    # a new stage from the LoRA checkpoint starts from the merged weights
+    merged = PauseTokenLM(model=str(tmp_path / "lora.ckpt"), num_pauses=3)
+    assert merged.generate(["12+3="], max_new_tokens=4) == lm.generate(["12+3="], max_new_tokens=4)

@@ -74,10 +74,10 @@ def test_tiny_sigma_reproduces_the_training_labels_exactly(k):
     scores = resmem.predict(data.tensors[0])
     assert torch.equal(scores.argmax(1), data.tensors[1])
     torch.testing.assert_close(scores, torch.eye(10)[data.tensors[1]], atol=1e-5, rtol=0)
-    # and the memory holds what it should: one-hot targets and the model's logits, in dataset order
-    assert torch.equal(resmem.memory_targets, torch.eye(10)[data.tensors[1]])
+    # and the memory holds what it should: integer labels and the model's logits, in dataset order
+    assert torch.equal(resmem.memory_targets, data.tensors[1]) and not resmem.memory_targets.is_floating_point()
     torch.testing.assert_close(resmem.memory_outputs, resmem(data.tensors[0]))
-    torch.testing.assert_close(resmem.memory_residuals, resmem.memory_targets - resmem(data.tensors[0]).softmax(1))
+    torch.testing.assert_close(resmem.memory_residuals, torch.eye(10)[data.tensors[1]] - resmem(data.tensors[0]).softmax(1))
 
 
 def test_regression_memorizes_the_training_targets():
@@ -223,8 +223,8 @@ def test_ddp_memory_equals_the_single_process_memory(tmp_path):
 
 
 def _sorted_rows(t: torch.Tensor) -> torch.Tensor:
-    rounded = (t * 1e4).round()
-    for col in reversed(range(t.shape[1])):  # lexicographic row order, last key first (stable sorts)
+    rounded = (t.reshape(len(t), -1) * 1e4).round()
+    for col in reversed(range(rounded.shape[1])):  # lexicographic row order, last key first (stable sorts)
         rounded = rounded[rounded[:, col].argsort(stable=True)]
     return rounded
 
@@ -328,3 +328,96 @@ def test_other_configuration_errors(monkeypatch):
 
     with pytest.raises(TypeError, match="map-style dataset"):
         _resmem().build_memory(Stream())
+
+
+# -- held-out review (issue 18): what users hit -----------------------------------------------------------------------
+def test_tuning_grid_is_checked_before_training_and_the_default_is_clipped(tmp_path):
+    from datamodules import TabularDataModule
+
+    steps = []
+
+    class Spy(Callback):
+        def on_train_batch_start(self, *args):
+            steps.append(1)
+
+    dm = TabularDataModule("iris")  # 90 training rows: a given k of 100 cannot be memorised
+    module = ResMem(MLP(4, 3, hidden_sizes=[8]), num_classes=3, tune_on_val=True, tune_grid={"k": [5, 100]})
+    with pytest.raises(ValueError, match=r"tune_grid\['k'\].*\[100\].*90 training examples"):
+        cpu_trainer(max_epochs=1, callbacks=[Spy()]).fit(module, dm)
+    assert steps == []
+    # the default grid (k up to 50) is clipped to a 30-row memory and fit completes, writing save_path
+    small = TabularDataModule("iris", val_fraction=0.4, test_fraction=0.4)
+    module = ResMem(MLP(4, 3, hidden_sizes=[8]), num_classes=3, tune_on_val=True, save_path=str(tmp_path / "r.ckpt"))
+    cpu_trainer(max_epochs=1).fit(module, small)
+    assert module.memory_size == 30 and module.k <= 30 and (tmp_path / "r.ckpt").is_file()
+
+
+def test_tuned_values_are_the_checkpoints_hyperparameters_and_explicit_overrides_win(tmp_path):
+    dm = DigitsDataModule(batch_size=64)
+    grid = {"k": [1, 7], "sigma": [0.013, 0.5], "temperature": [1.0, 3.0]}
+    module = ResMem(MLP(64, 10, hidden_sizes=[32]), num_classes=10, k=20, tune_on_val=True, tune_grid=grid,
+                    save_path=str(tmp_path / "r.ckpt"))
+    cpu_trainer(max_epochs=1).fit(module, dm)
+    tuned = (module.k, module.sigma, module.temperature)
+    assert tuned != (20, 0.1, 1.0)
+    stored = torch.load(tmp_path / "r.ckpt", weights_only=True)["hyper_parameters"]
+    assert (stored["k"], stored["sigma"], stored["temperature"]) == tuned
+    assert (module.hparams.k, module.hparams.sigma, module.hparams.temperature) == tuned
+    loaded = ResMem.load_from_checkpoint(tmp_path / "r.ckpt", model=MLP(64, 10, hidden_sizes=[32]))
+    assert (loaded.k, loaded.sigma, loaded.temperature) == tuned
+    overridden = ResMem.load_from_checkpoint(tmp_path / "r.ckpt", model=MLP(64, 10, hidden_sizes=[32]), k=3)
+    assert (overridden.k, overridden.sigma, overridden.temperature) == (3, *tuned[1:])
+
+
+def test_a_second_fit_never_evaluates_against_the_previous_memory():
+    dm = DigitsDataModule(batch_size=64)
+    module = ResMem(MLP(64, 10, hidden_sizes=[32]), num_classes=10, k=5)
+    cpu_trainer(max_epochs=1).fit(module, dm)
+    assert module.has_memory
+    during = []
+
+    class Check(Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):
+            during.append((pl_module.has_memory, "val_resmem_acc" in trainer.callback_metrics))
+
+    cpu_trainer(max_epochs=2, callbacks=[Check()], num_sanity_val_steps=0).fit(module, dm)
+    assert during == [(False, False), (False, False)]
+    assert module.has_memory  # rebuilt from the new base model when training ended
+
+
+def test_predict_runs_the_backbone_in_eval_mode():
+    net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10))
+    module = ResMem(net, num_classes=10, embedding_layer="2", k=3)
+    data = _toy()
+    module.build_memory(data)
+    module.train()
+    x = data.tensors[0][:16]
+    first, second = module.predict(x), module.predict(x)
+    torch.testing.assert_close(first, second)  # no dropout noise
+    assert module.model.training  # the caller's mode is restored
+
+
+def test_sparse_residuals_keep_the_top_m_entries_and_shrink_the_memory():
+    data = _toy(classes=10)
+    dense = _resmem(k=5, sigma=0.2).eval()
+    dense.build_memory(data)
+    x = data.tensors[0][:50]
+    full = dense.predict(x)
+    dense_bytes = dense.memory_bytes
+    r = dense.memory_residuals
+    dense.sparsify(10)  # all C entries: the same predictions
+    torch.testing.assert_close(dense.predict(x), full, atol=1e-6, rtol=0)
+    sparse = _resmem(k=5, sigma=0.2).eval()
+    sparse.model.load_state_dict(dense.model.state_dict())
+    sparse.build_memory(data)
+    sparse.sparsify(2)
+    kept = sparse.memory_residuals
+    assert ((kept != 0).sum(1) <= 2).all()
+    top = r.abs().topk(2, dim=1).indices
+    torch.testing.assert_close(kept.gather(1, top), r.gather(1, top))  # exactly the two largest entries
+    emb_bytes = sparse.memory_embeddings.numel() * 4
+    assert sparse.memory_bytes - emb_bytes < (dense_bytes - emb_bytes) / 2  # 2 values + 2 indices vs 10 logits + label
+    with pytest.raises(RuntimeError, match="tune before"):
+        sparse.tune(data)
+    with pytest.raises(ValueError, match="residual_top_m"):
+        _resmem(residual_top_m=11)

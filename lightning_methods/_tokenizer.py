@@ -1,4 +1,5 @@
-"""Tokenizers and the token-level conventions shared by the language-model datamodules and :mod:`pause_lm` (private).
+"""Tokenizers and the token-level conventions shared by :mod:`pause_lm` and the language-model datamodules (private;
+in `lightning_methods` so that the core never imports `datamodules`).
 
 Everything here is offline: tokenizers are trained by the ``tokenizers`` library on local text (seconds) or built
 from a fixed character set, and saved as Hugging Face tokenizer directories (``tokenizer.json`` +

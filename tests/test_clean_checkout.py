@@ -1,0 +1,38 @@
+"""Running the README's first command in a checkout must leave ``git status`` clean (held-out review, issue 18)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_quickstart_leaves_a_clean_checkout(tmp_path):
+    # a copy of the tracked files, committed in a fresh repository: what a user has after `git clone`
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.decode().split("\0")
+    repo = tmp_path / "checkout"
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "checkout"], cwd=repo, check=True)
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    # the README's command (one epoch): the CLI as the console script runs it, from the checkout's root
+    cmd = [sys.executable, "-m", "lightning_methods.cli", "fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs=1"]
+    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "test_acc" in result.stdout
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo, capture_output=True, text=True)
+    assert status.stdout == "", f"the quickstart left files behind: {status.stdout}"
+    assert (repo / "runs" / "config.yaml").is_file()  # the config is still saved, in the ignored runs/ folder
