@@ -56,17 +56,31 @@ class DeviceCheck(pl.Callback):
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             if tensor.numel() and tensor.device.type != self.device.type:
                 self.misplaced.add(f"{name} on {tensor.device} ({when})")
-        # state held outside the module tree (a frozen teacher kept out of parameters(), a cached table)
+        # state held outside the module tree: a frozen teacher kept out of parameters(), a cache object and its tables
         registered = set(module._modules) | set(module._parameters) | set(module._buffers)
         for name, value in vars(module).items():
-            if name in registered or name.startswith("_trainer"):
-                continue
-            if isinstance(value, torch.Tensor) and value.numel() and value.device.type != self.device.type:
+            if name not in registered and not name.startswith("_trainer"):
+                self._walk(value, name, when, depth=0)
+
+    def _walk(self, value: Any, name: str, when: str, depth: int) -> None:
+        if depth > 3 or isinstance(value, (pl.Trainer, pl.LightningModule, pl.LightningDataModule, pl.Callback)):
+            return
+        if isinstance(value, torch.Tensor):
+            if value.numel() and value.device.type != self.device.type:
                 self.misplaced.add(f"{name} on {value.device} ({when})")
-            elif isinstance(value, nn.Module):
-                for sub, tensor in [*value.named_parameters(), *value.named_buffers()]:
-                    if tensor.numel() and tensor.device.type != self.device.type:
-                        self.misplaced.add(f"{name}.{sub} on {tensor.device} ({when})")
+        elif isinstance(value, nn.Module):
+            for sub, tensor in [*value.named_parameters(), *value.named_buffers()]:
+                if tensor.numel() and tensor.device.type != self.device.type:
+                    self.misplaced.add(f"{name}.{sub} on {tensor.device} ({when})")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                self._walk(item, f"{name}[{key!r}]", when, depth + 1)
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                self._walk(item, f"{name}[{i}]", when, depth + 1)
+        elif hasattr(value, "__dict__") and type(value).__module__.startswith(("lightning_methods", "callbacks")):
+            for key, item in vars(value).items():  # our own helper objects (e.g. a logit cache)
+                self._walk(item, f"{name}.{key}", when, depth + 1)
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

@@ -141,6 +141,10 @@ def _private(cli: Any, workdir: Path) -> None:
     assert bool(module.preprocessor.fitted) == module.preprocess
 
 
+def _between(value: Any, low: float, high: float) -> None:
+    assert low <= float(value) <= high, f"{float(value)} not in [{low}, {high}]"
+
+
 CLASSIFIER = ("test_acc", "test_loss")
 PAUSE_FT = ("test_loss", "test_exact_match")
 EXPECT: dict[str, Expect] = {
@@ -168,6 +172,9 @@ EXPECT: dict[str, Expect] = {
         CLASSIFIER, files=("checkpoints/dpsgd_f_mnist_features/epoch=0-step=2.ckpt",), check=_private, slow=True
     ),
     "mixup/ict.yaml": Expect((*CLASSIFIER, "test_ema_acc")),
+    # timm-style mixup + CutMix: about half of the mixed examples (80%) are cut
+    "mixup/cutmix.yaml": Expect(("train_loss", "val_acc", "mixup/lam_max", "mixup/cut_fraction"), args=("--test_after_fit=false",),
+                                check=lambda cli, _: _between(cli.trainer.callback_metrics["mixup/cut_fraction"], 0.15, 0.7)),
     "mixup/linearity.yaml": Expect(
         ("mixup/lam_max", "linearity/body.block0", "linearity/body.block1", "linearity/logits", "linearity/probs"),
         files=("logs/mixup_linearity/version_0/metrics.csv",),

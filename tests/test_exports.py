@@ -8,14 +8,15 @@ import types
 import lightning.pytorch as pl
 import pytest
 from torch.utils.data import Dataset
+from torchmetrics import Metric
 
 PACKAGES = ("lightning_methods", "callbacks", "datamodules")
 EXPORTS = [(pkg, name) for pkg in PACKAGES for name in importlib.import_module(pkg)._EXPORTS]
 
-# What each package exports: LightningModules, Callbacks, DataModules (and the Dataset they build on); lowercase
-# names are submodules or functions.
+# What each package exports: LightningModules (and the torchmetrics Metrics of metrics.py), Callbacks, DataModules
+# (and the Dataset they build on); lowercase names are submodules or functions.
 KINDS = {
-    "lightning_methods": (pl.LightningModule,),
+    "lightning_methods": (pl.LightningModule, Metric),
     "callbacks": (pl.Callback,),
     "datamodules": (pl.LightningDataModule, Dataset),
 }

@@ -97,7 +97,33 @@ def _pause_tokens(lines: list[str]) -> None:
     assert exact_match >= 0.3 and without_pauses < exact_match / 2
 
 
+def _mixup_cutmix(lines: list[str]) -> None:
+    (line,) = lines
+    shares = numbers(line)  # each image's own share after its partner's box was pasted in: 1 - box area / (32 * 32)
+    assert len(shares) == 8 and all(0.0 <= v <= 1.0 for v in shares)
+    for v in shares:  # a box covers a whole number of pixels (the printout rounds to 4 decimals: 0.05 pixel)
+        assert abs((1 - v) * 1024 - round((1 - v) * 1024)) < 0.06, v
+    assert any(v < 1.0 for v in shares)
+
+
+def _metrics(lines: list[str]) -> None:
+    risk, scod = lines
+    assert re.findall(r"'([^']+)'", risk) == ["aurc", "risk@cov0.5", "risk@cov1.0"]  # aurc, risk@cov0.5, risk@cov1.0
+    assert all(0.0 <= v <= 1.0 for v in numbers(risk.replace("cov0.5", "").replace("cov1.0", "")))
+    names = re.findall(r"'([^']+)'", scod)  # risk@rej0.1, ..., auc_rc, fpr@95tpr, auroc
+    assert names[0] == "risk@rej0.1" and names[-3:] == ["auc_rc", "fpr@95tpr", "auroc"]
+    assert all(0.0 <= v <= 1.0 for v in eval(scod).values())
+    assert Path("scod_risk.png").stat().st_size > 0
+
+
+def _prints_nothing(lines: list[str]) -> None:
+    assert lines == []  # a module definition: nothing to print
+
+
 CLAIMS: dict[str, Callable[[list[str]], None]] = {
+    "mixup-1": _mixup_cutmix,
+    "metrics-0": _metrics,
+    "metrics-1": _prints_nothing,
     "foundation-0": _foundation,
     "distillation-0": _distillation,
     "mixup-0": _mixup,

@@ -25,12 +25,22 @@ def _mixup_build(batch_size: int = 32, optimizer=None) -> Built:
     return Built(classifier(optimizer), InOrderDigits(batch_size=batch_size), [MixupCallback(alpha=1.0, num_points=3)])
 
 
-class _TupleBatches(DigitsDataModule):
-    """Batches as tuples, which a callback cannot change in place."""
+class _Tuples:
+    """A loader's batches as tuples, which a callback cannot change in place."""
 
-    def train_dataloader(self) -> DataLoader:
-        loader = super().train_dataloader()
-        return DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=lambda items: tuple(torch.utils.data.default_collate(items)))
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return (tuple(batch) for batch in self.loader)
+
+
+class _TupleBatches(DigitsDataModule):
+    def train_dataloader(self):
+        return _Tuples(super().train_dataloader())
 
 
 register(
