@@ -246,7 +246,11 @@ class ArrayDataModule(pl.LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------------------------------
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        batched = isinstance(dataset, ArrayDataset)  # one index operation per batch (BatchedArrayDataset)
+        # one index operation per batch (BatchedArrayDataset), unless a subclass changed how an example is made
+        # without saying how a batch is (its own `batch`): then its __getitem__ must run for every example
+        batched = isinstance(dataset, ArrayDataset) and (
+            type(dataset).__getitem__ is ArrayDataset.__getitem__ or type(dataset).batch is not ArrayDataset.batch
+        )
         return DataLoader(
             BatchedArrayDataset(dataset) if batched else dataset,
             batch_size=batch_size,

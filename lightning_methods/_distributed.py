@@ -95,7 +95,11 @@ def map_in_order(
     outputs: list[tuple[torch.Tensor, ...]] = []
     single = False
     for start in range(0, len(shard), batch_size):
-        out = fn(collate_fn([data[i] for i in shard[start : start + batch_size]]))
+        indices = list(shard[start : start + batch_size])
+        # fetched as a DataLoader fetches: a dataset with __getitems__ returns the batch its collate_fn expects
+        # (the datamodules' batched view returns it already collated, for a pass-through collate_fn)
+        getitems = getattr(data, "__getitems__", None)
+        out = fn(collate_fn(getitems(indices) if getitems is not None else [data[i] for i in indices]))
         single = isinstance(out, torch.Tensor)
         outputs.append((out,) if single else tuple(out))
     if not outputs:

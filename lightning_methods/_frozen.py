@@ -94,7 +94,8 @@ class HoldsFrozenModels:
             super().__setattr__(name, value)
 
     def set_frozen(self, name: str, model: nn.Module | None, persistent: bool = False) -> None:
-        """Hold ``model`` frozen under ``name`` (None removes it), on the device of this module's parameters."""
+        """Hold ``model`` frozen under ``name`` (None removes it), on the device of this module's parameters (and in
+        their dtype when the module was cast away from the default dtype)."""
         models: dict[str, nn.Module] = self.__dict__.setdefault("_frozen_models", {})
         persistent_names: set[str] = self.__dict__.setdefault("_frozen_persistent", set())
         if model is None:
@@ -107,6 +108,11 @@ class HoldsFrozenModels:
             reference = next(iter(self.buffers()), None)  # type: ignore[attr-defined]
         if reference is not None:
             model.to(device=reference.device)
+            # a model set after the module was cast (a precision plugin's "64-true"/"bf16-true", `.double()`; e.g. a
+            # teacher swapped at an epoch start) must take that dtype too, or it fails on the cast inputs; a module
+            # still in the default dtype keeps a model the caller gave in another dtype on purpose
+            if reference.is_floating_point() and reference.dtype != torch.get_default_dtype():
+                model.to(dtype=reference.dtype)
         models[name] = model
         if persistent:
             persistent_names.add(name)
@@ -229,8 +235,19 @@ def load_backbone(
                 "lightning-methods CLI): pass the architecture too, e.g. `teacher=SmallCNN(num_classes=10)`."
             )
         backbone = _build_backbone(config)
+    candidates = [_backbone_state_dict(checkpoint)]
+    if "state_dict" not in checkpoint:  # a plain state dict may be a backbone whose own submodule is called `model`
+        candidates.append({k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)})
     try:
-        backbone.load_state_dict(_backbone_state_dict(checkpoint), strict=True)
+        first_error: RuntimeError | None = None
+        for state in candidates:
+            try:
+                backbone.load_state_dict(state, strict=True)  # a success overwrites every weight of the backbone
+                break
+            except RuntimeError as err:
+                first_error = first_error or err
+        else:
+            raise first_error  # type: ignore[misc]
     except RuntimeError as err:
         detail = str(err).split("\n\t", 1)[-1][:400]
         raise ValueError(

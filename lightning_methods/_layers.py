@@ -115,4 +115,4 @@ def forward_with_embedding(
         outputs = forward(x) if forward is not None else model(x)
     batch = outputs.shape[0] if isinstance(outputs, torch.Tensor) and outputs.ndim > 0 else None
     emb = layer_output(captured, layer, module, model, batch, arg)
-    return outputs, emb.flatten(1)
+    return outputs, emb.reshape(len(emb), -1)  # (N,) -> (N, 1): flatten(1) fails on one dimension

@@ -193,11 +193,15 @@ class RunConfigCallback(SaveConfigCallback):
 
     Without a logger and a ``default_root_dir`` of its own, a run's log directory is the working directory: running
     a config from a checkout would then rewrite ``./config.yaml``. Such a run writes ``runs/config.yaml`` instead
-    (``runs/`` is ignored by git); with a logger or a ``default_root_dir`` the config goes where Lightning puts it.
+    (``runs/`` is ignored by git); with a logger or a given ``default_root_dir`` (even the working directory) the
+    config goes where Lightning puts it.
     """
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if trainer.logger is None and Path(trainer.default_root_dir).resolve() == Path.cwd().resolve():
+        # `default_root_dir` left at its default (the working directory); one the user gave, even the working
+        # directory itself, is where they asked for the config
+        given_root = (self.config.get("trainer") or {}).get("default_root_dir")
+        if trainer.logger is None and given_root is None and Path(trainer.default_root_dir).resolve() == Path.cwd().resolve():
             self.save_to_log_dir = False
             self._to_runs = True
         super().setup(trainer, pl_module, stage)

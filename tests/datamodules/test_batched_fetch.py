@@ -73,3 +73,32 @@ def test_a_trainer_run_is_unchanged_by_the_batched_fetch():
         cpu_trainer(max_epochs=2, limit_val_batches=0).fit(module, dm)
         finals.append(torch.cat([p.detach().flatten() for p in module.parameters()]))
     torch.testing.assert_close(finals[0], finals[1])
+
+
+def test_a_dataset_subclass_overriding_getitem_keeps_its_own_examples():
+    # review: a user's ArrayDataset subclass with its own __getitem__ (noise, relabelling) was wrapped into the
+    # batched view, whose batch() reads the arrays directly: the override was silently skipped by the loaders
+    from datamodules._base import ArrayDataset
+
+    class Negated(ArrayDataset):
+        def __getitem__(self, index):
+            x, y = super().__getitem__(index)
+            return -x, y
+
+    dm = DigitsDataModule(batch_size=8, shuffle=False)
+    dm.setup("fit")
+    dm.train_dataset = Negated(dm.train_dataset.x, dm.train_dataset.y)
+    x, _ = next(iter(dm.train_dataloader()))
+    assert torch.equal(x, -dm.train_dataset.x[:8])
+
+
+def test_whole_split_passes_over_a_datamodules_loader_get_collated_batches():
+    # review: map_in_order (ResMem's build_memory/tune/embed, the distillation cache) took a loader's dataset and
+    # collate_fn but fetched example by example: with the batched view's pass-through collate, fn got a list of
+    # (x, y) pairs instead of [x, y], so `resmem.build_memory(dm.train_dataloader())` failed
+    from lightning_methods._distributed import map_in_order
+
+    dm = DigitsDataModule(batch_size=16, shuffle=False)
+    dm.setup("fit")
+    xs, ys = map_in_order(dm.val_dataloader(), lambda batch: (batch[0], batch[1]), batch_size=32)
+    assert torch.equal(xs, dm.val_dataset.x) and torch.equal(ys, dm.val_dataset.y)

@@ -207,6 +207,37 @@ def test_cached_teacher_logits_train_exactly_like_the_live_teacher(teacher_dir):
     assert torch.allclose(finals[0], finals[1], atol=1e-5)
 
 
+def test_cached_logits_are_never_another_inputs_logits():
+    # review: the old fingerprint (one random projection, matched within a tolerance) served ~2-7% of mixed inputs
+    # the logits of some other training example here (pixel-scale inputs with a common offset): a mixed input must
+    # either miss the cache (live teacher) or be an exact training input
+    torch.manual_seed(0)
+    x = 1000.0 + torch.rand(2000, 256)
+    module = DistillationModule(MLP(256, 10, hidden_sizes=[8]), MLP(256, 10, hidden_sizes=[8]), num_classes=10)
+    module.trainer = cpu_trainer()
+    cache = module._build_cache(torch.utils.data.TensorDataset(x, torch.zeros(2000, dtype=torch.long)))
+    _, found = cache.lookup(0.5 * x + 0.5 * x.roll(1, 0))
+    assert not found.any()
+    order = torch.randperm(2000)
+    logits, found = cache.lookup(x[order])
+    assert found.all() and torch.allclose(logits, module.teacher(x[order]), atol=1e-5)
+    _, found = cache.lookup(x.double())  # another dtype is another input
+    assert not found.any()
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_cached_logits_under_a_true_precision_plugin_match_the_cast_inputs(teacher_dir, precision):
+    # review: the table was built from the dataset's float32 inputs but the teacher had been cast with the module
+    # (dtype mismatch crash), and training_step receives the plugin's cast inputs, which would all miss the table
+    module = DistillationModule(student_net(), trained_teacher(teacher_dir), num_classes=10, cache_teacher_logits=True)
+    dm = digits()
+    cpu_trainer(precision=precision, max_epochs=1, limit_train_batches=2, limit_val_batches=0).fit(module, dm)
+    assert not module._told_live_teacher  # every training input was found in the table
+    x = module.trainer.precision_plugin.convert_input(dm.train_dataset[0][0][None])
+    logits, found = module._cache.lookup(x)
+    assert found.all() and torch.allclose(logits, module.teacher(x).float(), atol=1e-2)
+
+
 def test_third_batch_element_is_teacher_logits():
     module = DistillationModule(student_net(), teacher_net(), num_classes=10)
     x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])

@@ -93,6 +93,22 @@ def test_named_layer_embedding_suggestions_and_errors():
 
 
 # -- frozen second models --------------------------------------------------------------------------------------------
+def test_a_layer_with_one_number_per_example_gives_a_one_column_embedding():
+    # review: a (batch,) layer output passed the row check and then failed in flatten(1) with an IndexError
+    class Scorer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.score, self.head = nn.Linear(3, 1), nn.Identity()
+
+        def forward(self, x):
+            return self.head(self.score(x).squeeze(1))[:, None]
+
+    x = torch.randn(4, 3)
+    model = Scorer()
+    _, emb = forward_with_embedding(model, "head", x)
+    assert emb.shape == (4, 1) and torch.allclose(emb[:, 0], model.score(x)[:, 0])
+
+
 class _Holder(HoldsFrozenModels, nn.Module):
     teacher = FrozenSlot()
     ema = FrozenSlot(persistent=True)
@@ -122,6 +138,33 @@ def test_frozen_models_stay_out_of_parameters_optimizer_and_checkpoint_and_follo
     other.load_state_dict(state)
     assert torch.equal(other.ema.weight, holder.ema.weight)
     assert not torch.equal(other.teacher[0].weight, holder.teacher[0].weight)
+
+
+def test_a_frozen_model_set_after_a_cast_takes_the_modules_dtype():
+    # review: a teacher assigned after a "64-true"/"bf16-true" plugin (or .double()) cast the module stayed float32
+    # and failed on the cast inputs (dtype mismatch)
+    holder = _Holder().double()
+    holder.teacher = nn.Linear(3, 2)
+    assert holder.teacher.weight.dtype == torch.float64
+    assert holder.teacher(torch.randn(4, 3, dtype=torch.float64)).dtype == torch.float64
+    # an uncast (default-dtype) module keeps a teacher the user deliberately gave in another dtype
+    plain = _Holder()
+    plain.teacher = nn.Linear(3, 2).to(torch.bfloat16)
+    assert plain.teacher.weight.dtype == torch.bfloat16
+
+
+def test_a_plain_state_dict_of_a_backbone_with_a_model_submodule_loads(tmp_path):
+    # review: the `model.` prefix of a ClassifierModule checkpoint was stripped from a plain state dict too, so a
+    # backbone with its own `model` submodule (HF's *ForSequenceClassification: model.*, score.*) never loaded
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.score = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    net = Net()
+    torch.save(net.state_dict(), tmp_path / "plain.pt")
+    loaded = load_backbone(tmp_path / "plain.pt", Net())
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), net.state_dict().values()))
 
 
 class _Pickled:
