@@ -149,7 +149,8 @@ CLASSIFIER = ("test_acc", "test_loss")
 PAUSE_FT = ("test_loss", "test_exact_match")
 EXPECT: dict[str, Expect] = {
     "quickstart.yaml": Expect(CLASSIFIER, files=("config.yaml",)),
-    "distillation/teacher.yaml": Expect(CLASSIFIER, files=("checkpoints/teacher/epoch=0.ckpt", "checkpoints/teacher/last.ckpt")),
+    "distillation/teacher.yaml": Expect(CLASSIFIER, files=("checkpoints/teacher/epoch=0.ckpt", "checkpoints/teacher/last.ckpt"),
+                                        slow=True),  # its chain runs five configs
     "distillation/kd.yaml": Expect(("train_kd", "distilling", "val_acc"), after="distillation/teacher.yaml",
                                    args=TWO_EPOCHS, check=_kd),
     "distillation/self_distillation.yaml": Expect(
@@ -183,9 +184,9 @@ EXPECT: dict[str, Expect] = {
     # without a test run after fitting, its metrics are the training ones, mixup's included
     "mixup/supervised.yaml": Expect(("train_loss", "train_acc", "val_acc", "mixup/lam_max"), args=("--test_after_fit=false",)),
     "pause_tokens/pretrain_std.yaml": Expect(("train_loss", "val_loss"), files=("pause_runs/stdpt/last.ckpt",),
-                                             args=TINY_TEXT, check=_pretrained("stdpt", False)),
+                                             args=TINY_TEXT, check=_pretrained("stdpt", False), slow=True),
     "pause_tokens/pretrain_pause.yaml": Expect(("train_loss", "val_loss"), files=("pause_runs/pausept/last.ckpt",),
-                                               args=TINY_TEXT, check=_pretrained("pausept", True)),
+                                               args=TINY_TEXT, check=_pretrained("pausept", True), slow=True),
     "pause_tokens/stdpt_stdft.yaml": Expect(PAUSE_FT, after="pause_tokens/pretrain_std.yaml", args=TINY_TEXT,
                                             check=_finetuned("stdpt", 0)),
     "pause_tokens/stdpt_pauseft.yaml": Expect(PAUSE_FT, after="pause_tokens/pretrain_std.yaml", args=TINY_TEXT,

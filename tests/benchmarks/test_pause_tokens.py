@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers import load_benchmark
 
 
+@pytest.mark.slow  # > 3 s: outside the fast lane
 def test_quick_run_writes_every_table(tmp_path):
     bench = load_benchmark("pause_tokens")
     report = bench.main(["--quick", "--out", str(tmp_path / "pause_tokens")])

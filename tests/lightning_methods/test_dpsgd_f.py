@@ -294,6 +294,7 @@ class _ReplicaCheck(pl.Callback):
         pl_module.log("replica_max_abs_diff", diff)
 
 
+@pytest.mark.slow  # > 3 s: outside the fast lane
 def test_ddp_keeps_replicas_identical_and_the_single_process_epsilon():
     runs = {}
     for name, make_trainer in (("ddp", ddp_trainer), ("single", cpu_trainer)):
@@ -317,6 +318,7 @@ def test_ddp_keeps_replicas_identical_and_the_single_process_epsilon():
 # ---------------------------------------------------------------------------------------------------------------
 # Frozen feature extractor
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # > 3 s: outside the fast lane
 def test_frozen_extractor_matches_precomputed_features():
     features = PretrainedFeaturesDataModule(batch_size=128)
     raw = PretrainedFeaturesDataModule(batch_size=128, raw=True)

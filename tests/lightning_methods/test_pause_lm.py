@@ -315,6 +315,7 @@ class _OrderedData(SyntheticReasoningDataModule):
         return torch.utils.data.DataLoader(loader.dataset, batch_size=self.batch_size, sampler=self.order, collate_fn=loader.collate_fn)
 
 
+@pytest.mark.slow  # > 3 s: outside the fast lane
 def test_ddp_two_processes_match_one_process(tok):
     """Two ranks of 4 examples each train exactly like one process on the same 8 examples per step."""
 
