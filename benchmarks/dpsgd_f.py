@@ -71,7 +71,7 @@ def trainer(max_epochs: int) -> pl.Trainer:
 
 def datamodule(setting: str, seed: int, batch_size: int, quick: bool) -> pl.LightningDataModule:
     if setting == "counterexample":
-        return CounterexampleDataModule(num_samples=600 if quick else 3000, generator_seed=seed, seed=seed, batch_size=batch_size)
+        return CounterexampleDataModule(num_samples=1000 if quick else 3000, generator_seed=seed, seed=seed, batch_size=batch_size)
     if setting == "digits":
         return DigitsDataModule(seed=seed, batch_size=batch_size)
     return PretrainedFeaturesDataModule(public_fraction=0.4, feature_dim=64, seed=seed, batch_size=batch_size)
@@ -92,7 +92,6 @@ def run_accuracy(setting: str, method: str, epsilon: float | None, seed: int, ar
             max_grad_norm=args.clip,
             preprocess=method == "DPSGD-F",
             unit_normalize=method != "DPSGD",
-            noise_seed=seed,
             optimizer=functools.partial(torch.optim.SGD, lr=args.lr),
         )
     t = trainer(args.epochs)
@@ -131,7 +130,7 @@ def run_audit(epsilon: float | None, seed: int, args: argparse.Namespace) -> dic
     else:
         module = DPSGDFModule(
             model, 10, target_epsilon=epsilon, delta=DELTA, max_grad_norm=args.clip, preprocess=False,
-            noise_seed=seed, optimizer=optimizer,
+            optimizer=optimizer,
         )
     trainer(args.audit_epochs).fit(module, _Tensors(*members, batch_size=args.audit_batch))
     module.eval()

@@ -21,6 +21,8 @@ _EXPORTS = {
     "CounterexampleDataModule": ".private_features",
     "PretrainedFeaturesDataModule": ".private_features",
     "SemiSupervisedDataModule": ".semi_supervised",
+    "RetrievalDataModule": ".retrieval",
+    "OODDataModule": ".ood",
 }
 
 __all__ = sorted(_EXPORTS)

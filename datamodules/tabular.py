@@ -34,7 +34,9 @@ class TabularDataModule(ArrayDataModule):
 
     Args:
         name: one of ``"iris"``, ``"wine"``, ``"breast_cancer"``.
-        standardize: apply the train-split standardisation.
+        standardize: apply the train-split standardisation. It uses the exact training mean and std, so it is
+            outside any differential-privacy guarantee: ``DPSGDFModule`` refuses it (set ``standardize=False``; the
+            module centres and rescales privately).
         **others**: see :class:`~datamodules._base.ArrayDataModule` (default split 60 / 20 / 20: these tables are tiny).
 
     Example::
@@ -71,6 +73,13 @@ class TabularDataModule(ArrayDataModule):
     @property
     def input_shape(self) -> tuple[int, ...]:  # type: ignore[override]
         return (TABULAR_DATASETS[self.name][2],)
+
+    @property
+    def data_dependent_transform(self) -> bool:
+        """Whether the served features are transformed with exact statistics of the training split (DP modules refuse)."""
+        return bool(self.standardize)
+
+    data_dependent_transform_name = "standardize=True: the exact training mean and std"
 
     def load_arrays(self):
         return _load(self.name)

@@ -26,6 +26,9 @@ _EXPORTS = {
     "RiskCoverage": ".metrics",
     "DeferralCurve": ".metrics",
     "SCODRisk": ".metrics",
+    "EmbeddingDistillationModule": ".embed_distill",
+    "SentenceEncoder": ".embed_distill",
+    "SelectiveOODModule": ".selective_ood",
 }
 
 __all__ = sorted(_EXPORTS)

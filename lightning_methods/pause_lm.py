@@ -237,13 +237,15 @@ def _read_checkpoint(path: Any) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
-def _load_lightning_checkpoint(path: str) -> tuple[PreTrainedModel, Any]:
+def _load_lightning_checkpoint(path: str, model_kwargs: dict[str, Any] | None = None) -> tuple[PreTrainedModel, Any]:
     """The Hugging Face model and tokenizer stored in a :class:`PauseTokenLM` Lightning checkpoint."""
     checkpoint = _read_checkpoint(path)
     if _CKPT_KEY not in checkpoint:
         raise ValueError(f"`model={path!r}` is not a PauseTokenLM checkpoint (it has no {_CKPT_KEY!r} entry).")
     meta = checkpoint[_CKPT_KEY]
-    model = AutoModelForCausalLM.from_config(_stored_config(meta))
+    config = _stored_config(meta)
+    model = AutoModelForCausalLM.from_config(config, **_build_kwargs(model_kwargs or {}, "a checkpoint"))
+    _restore_generation_config(model, meta)
     if meta.get("peft_config") is not None:  # adapters: rebuild them, load, and merge into the next stage's model
         from peft import get_peft_model
 
@@ -256,6 +258,42 @@ def _load_lightning_checkpoint(path: str) -> tuple[PreTrainedModel, Any]:
     if meta.get("peft_config") is not None:
         model = model.merge_and_unload()
     return model, tokenizer_from_files(meta["tokenizer_files"])
+
+
+# What AutoModelForCausalLM.from_config takes: the options that shape a model built here (from a config or a
+# checkpoint), unlike from_pretrained's options about finding and reading files (revision, cache_dir, ...).
+_BUILD_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "trust_remote_code")
+
+
+def _build_kwargs(model_kwargs: dict[str, Any], what: str) -> dict[str, Any]:
+    """``model_kwargs`` for ``from_config`` when the module builds the model from ``what`` (a config, a checkpoint)."""
+    unknown = sorted(k for k in model_kwargs if k not in _BUILD_KWARGS)
+    if unknown:
+        raise ValueError(
+            f"`model_kwargs` {unknown} only apply when `model` is a model directory (from_pretrained options); "
+            f"with {what} the model is built by from_config, which takes {list(_BUILD_KWARGS)}."
+        )
+    kwargs = dict(model_kwargs)
+    if "torch_dtype" in kwargs:  # the older name of `dtype`
+        kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+    if kwargs.get("dtype") == "auto":  # from_config's default already follows the config's dtype
+        kwargs.pop("dtype")
+    return kwargs
+
+
+def _base_model(model: Any) -> Any:
+    """The Hugging Face model inside a PEFT wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _restore_generation_config(model: Any, meta: dict) -> None:
+    # The generation config (a chat model's list of end tokens, ...) is not part of the model config: rebuilt from
+    # the config alone, it would fall back to the config's single EOS
+    stored = meta.get("generation_config")
+    if stored is not None:
+        from transformers import GenerationConfig
+
+        _base_model(model).generation_config = GenerationConfig.from_dict(dict(stored))
 
 
 class PauseTokenLM(pl.LightningModule):
@@ -294,13 +332,16 @@ class PauseTokenLM(pl.LightningModule):
         seed: seed of the pause positions; each (rank, step, batch) draws from its own stream, so runs and resumed
             runs insert the same pauses.
         model_kwargs: keyword arguments of ``from_pretrained`` when ``model`` is a directory (``dtype``,
-            ``attn_implementation``, ``trust_remote_code``, ...). The weights train in the dtype they are loaded in:
+            ``attn_implementation``, ``trust_remote_code``, ...); with a config or a checkpoint, those of them that
+            shape the model built here (``dtype``, ``attn_implementation``, ``trust_remote_code``) go to
+            ``from_config``; a model object is used as it is (``model_kwargs`` with one is an error). The weights train
+            in the dtype they are loaded in:
             a bfloat16 release loaded as is trains in pure bfloat16 (no float32 master weights; ``fit`` says so);
             ``model_kwargs={"dtype": "float32"}`` with ``precision="bf16-mixed"`` is mixed precision.
         peft_config: train adapters instead of the whole model: a ``peft.LoraConfig`` (or its dict, as in a YAML
             config). The pause token is added to the base model first; then only the adapters and the pause
             token's embedding row train (PEFT's ``trainable_token_indices``: the other rows stay exactly as they
-            were). Checkpoints hold the adapters and the config, and ``load_from_checkpoint`` rebuilds them;
+            were; with the embedding in ``modules_to_save`` it trains whole instead). Checkpoints hold the adapters and the config, and ``load_from_checkpoint`` rebuilds them;
             :meth:`save_pretrained` writes a PEFT adapter directory.
 
     Note:
@@ -345,6 +386,10 @@ class PauseTokenLM(pl.LightningModule):
         super().__init__()
         if model_kwargs is not None and not isinstance(model_kwargs, dict):
             raise TypeError(f"`model_kwargs` must be a dict of from_pretrained arguments, got {type(model_kwargs).__name__}.")
+        if model_kwargs is not None:
+            # dtypes by name (from_pretrained and from_config take both): the options stay plain data, so they are
+            # saved as hyperparameters and load_from_checkpoint rebuilds the model with them (attention kernel...)
+            model_kwargs = {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v for k, v in model_kwargs.items()}
         if mode not in ("pretrain", "finetune"):
             raise ValueError(f"`mode` must be 'pretrain' or 'finetune', got {mode!r}.")
         if isinstance(pretrain_pause_fraction, bool) or not 0.0 <= float(pretrain_pause_fraction) < 1.0:
@@ -373,6 +418,14 @@ class PauseTokenLM(pl.LightningModule):
         self.lr_scheduler = lr_scheduler
         self.seed = int(seed)
         self.peft_config = _peft_config(peft_config)
+        self._model_kwargs = dict(model_kwargs or {})
+        if self._model_kwargs and isinstance(model, PreTrainedModel):
+            raise ValueError(
+                "`model_kwargs` apply when PauseTokenLM loads or builds the model (a directory, a config or a "
+                "checkpoint); a model object is used as it is: convert it yourself (e.g. `model.to(torch.float32)`)."
+            )
+        if isinstance(model, PretrainedConfig):
+            _build_kwargs(self._model_kwargs, "a config")  # unknown options fail now, not when fitting starts
         self.val_exact_match = MeanMetric()
         self.test_exact_match = MeanMetric()
         self.model: PreTrainedModel | None = None
@@ -399,12 +452,19 @@ class PauseTokenLM(pl.LightningModule):
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
             if path.is_file():
-                return _load_lightning_checkpoint(str(path))
+                return _load_lightning_checkpoint(str(path), model_kwargs)
             if path.is_dir() and (path / "config.json").is_file():
                 kwargs = {"local_files_only": True, **model_kwargs}
                 hf_model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
                 has_tok = any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
                 return hf_model, (load_tokenizer(str(path)) if has_tok else None)
+            if path.is_dir() and (path / "adapter_config.json").is_file():
+                raise ValueError(
+                    f"`model={str(model)!r}` is a PEFT adapter directory (save_pretrained with `peft_config`), not a "
+                    "whole model: start the next stage from the Lightning checkpoint of that run (its adapters are "
+                    "merged), or merge them yourself (PeftModel.from_pretrained(base, dir).merge_and_unload()) and "
+                    "pass the merged model."
+                )
             raise ValueError(
                 f"`model={str(model)!r}` is neither a PauseTokenLM checkpoint file nor a Hugging Face model directory "
                 "(with config.json). Nothing is downloaded: give a local path, a model or a config."
@@ -430,10 +490,22 @@ class PauseTokenLM(pl.LightningModule):
             from peft import get_peft_model
 
             config = copy.deepcopy(self.peft_config)
-            if self.uses_pauses and not config.trainable_token_indices:
-                config.trainable_token_indices = [self.pause_token_id]  # the new row trains, no other row does
+            embedding = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+            # PEFT matches modules_to_save by name suffix; a saved embedding trains whole, the pause row included
+            saved = any(embedding == t or embedding.endswith("." + t) for t in (config.modules_to_save or []))
+            if saved and config.trainable_token_indices:
+                raise ValueError(
+                    f"`peft_config`: modules_to_save trains the whole input embedding ({embedding!r}) and "
+                    "trainable_token_indices trains some of its rows: PEFT cannot do both on one layer. Keep one: "
+                    "without modules_to_save, PauseTokenLM adds the pause row to trainable_token_indices."
+                )
+            if self.uses_pauses and not saved:  # the new row trains, no other row does (beside rows asked for)
+                config.trainable_token_indices = _with_pause_row(config.trainable_token_indices, self.pause_token_id)
             self.peft_config = config  # what the checkpoint records: the adapters exactly as built
             model = get_peft_model(model, config)
+        # from_pretrained returns a model in eval mode, and Lightning keeps each submodule's mode when fitting
+        # starts: without this, a model loaded from a directory would finetune with dropout off
+        model.train(self.training)
         self.model = model
 
     def _add_pause_token(self, tokenizer: Any, model: Any, pause_token: str, saved_tokenizer: Any = None) -> tuple:
@@ -474,11 +546,13 @@ class PauseTokenLM(pl.LightningModule):
             config = copy.deepcopy(model)
             # a new model gets the tokenizer's size; a trained model's stored config keeps its (possibly padded) size
             config.vocab_size = vocab_size if model_pause_id is None else max(vocab_size, config.vocab_size)
-            # a from-scratch model takes its special ids from the tokenizer, not from the config's defaults
-            for name in ("bos_token_id", "eos_token_id"):
-                setattr(config, name, tokenizer.eos_token_id)
+            # a from-scratch model takes its special ids from the tokenizer, not from the config's defaults; a trained
+            # model's stored config keeps its own (e.g. a list of EOS ids)
+            if model_pause_id is None:
+                for name in ("bos_token_id", "eos_token_id"):
+                    setattr(config, name, tokenizer.eos_token_id)
             config.pad_token_id = self._pad_id(tokenizer)
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, **_build_kwargs(self._model_kwargs, "a config"))
         if not isinstance(model, PreTrainedModel) or model.get_output_embeddings() is None:
             raise TypeError(
                 f"`model` must be a causal LM with a language-modelling head (AutoModelForCausalLM), got "
@@ -829,6 +903,11 @@ class PauseTokenLM(pl.LightningModule):
         init = {k: v for k, v in {**hparams, **kwargs}.items() if k in params}
         if init.get("model") is None:
             init["model"] = _stored_config(meta)  # the architecture; the weights come from the state dict below
+        if isinstance(init["model"], PreTrainedModel):
+            init.pop("model_kwargs", None)  # a model object is used as given
+        elif isinstance(init["model"], PretrainedConfig) and init.get("model_kwargs"):
+            # a directory-built module's from_pretrained options: keep those that shape the rebuilt model (dtype...)
+            init["model_kwargs"] = {k: v for k, v in init["model_kwargs"].items() if k in _BUILD_KWARGS}
         if init.get("peft_config") is None and meta.get("peft_config") is not None:
             init["peft_config"] = _stored_peft_config(meta)
         module = cls(**init)
@@ -855,12 +934,20 @@ class PauseTokenLM(pl.LightningModule):
             "pause_token_trained": bool(self.model.config.pause_token_trained),
             "config": self.model.config.to_dict(),
             "peft_config": None if self.peft_config is None else _plain(self.peft_config.to_dict()),
+            "generation_config": _generation_config_dict(self.model),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(_CKPT_KEY)
         if meta is None:
             return
+        if (meta.get("peft_config") is None) != (self.peft_config is None):
+            has = "holds LoRA adapters" if meta.get("peft_config") is not None else "holds a whole model, no adapters"
+            raise ValueError(
+                f"This checkpoint {has} but the module was built {'without' if self.peft_config is None else 'with'} "
+                "`peft_config`: build it as the checkpoint was (`load_from_checkpoint(path)` does), or start a new "
+                "stage from the checkpoint with `PauseTokenLM(model=<ckpt path>, ...)` (adapters merged)."
+            )
         if meta["pause_token_id"] != self.pause_token_id or meta["pause_token"] != self.pause_token:
             raise ValueError(
                 f"This checkpoint was trained with {meta['pause_token']!r} at id {meta['pause_token_id']}, but the module "
@@ -874,6 +961,7 @@ class PauseTokenLM(pl.LightningModule):
                 "the tokenizer saved in the checkpoint (`PauseTokenLM(model=<ckpt path>)` uses it)."
             )
         self.model.config.pause_token_trained = bool(meta["pause_token_trained"])
+        _restore_generation_config(self.model, meta)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the model and its tokenizer (with the pause token) as a Hugging Face directory.
@@ -895,6 +983,11 @@ def _exact_match(logits: torch.Tensor, labels: torch.Tensor, pause_token_id: int
     labelled = target != IGNORE_INDEX
     right = (logits.argmax(dim=-1) == target) | ~labelled
     return right.all(dim=1) & labelled.any(dim=1)
+
+
+def _generation_config_dict(model: Any) -> dict | None:
+    config = getattr(_base_model(model), "generation_config", None)
+    return None if config is None else _plain(config.to_diff_dict())
 
 
 def _peft_config(config: Any) -> Any:
@@ -924,6 +1017,15 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(getattr(value, "value", value))
+
+
+def _with_pause_row(indices: Any, pause_id: int) -> Any:
+    """PEFT's ``trainable_token_indices`` with the pause row added (a list, or a dict of lists per embedding layer)."""
+    if not indices:
+        return [pause_id]
+    if isinstance(indices, dict):
+        return {name: _with_pause_row(ids, pause_id) for name, ids in indices.items()}
+    return list(indices) + ([pause_id] if pause_id not in indices else [])
 
 
 def _as_list(ids: Any) -> list[int]:

@@ -21,3 +21,12 @@ def test_perf_benchmark_smoke(tmp_path):
     # one repeat: the reported ratio is exactly the ratio of the two measured step times
     assert abs(row["ratio"] - row["DPSGDFModule ms"] / row["opacus loop ms"]) < 1e-9
     assert not (tmp_path / "p.md").exists()
+
+
+def test_one_run_audit_benchmark_smoke():
+    bench = load_benchmark("dpsgd_f_audit")
+    out = bench.main(["--quick"])
+    for (arm, epsilon), rows in out["results"].items():
+        assert arm in bench.ARMS and epsilon == 4.0
+        assert all(row["epsilon_lower_bound"] >= 0 and row["reported"] <= 4.0 for row in rows)
+    assert "bound at eps 4" in out["table"]

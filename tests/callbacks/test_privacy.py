@@ -17,7 +17,7 @@ from tests.helpers import cpu_trainer
 
 
 def module(**kwargs) -> DPSGDFModule:
-    args = dict(num_classes=10, target_epsilon=1.0, delta=1e-5, max_grad_norm=1.0, noise_seed=0,
+    args = dict(num_classes=10, target_epsilon=1.0, delta=1e-5, max_grad_norm=1.0,
                 optimizer=functools.partial(torch.optim.SGD, lr=1.0))
     args.update(kwargs)
     return DPSGDFModule(MLP(in_features=64, num_classes=10, hidden_sizes=[]), **args)

@@ -224,6 +224,7 @@ def test_both_architectures_pretrain_and_finetune(tok, arch):
     assert lm.model.config.pause_token_trained
 
 
+@pytest.mark.slow
 def test_pause_finetuning_learns_to_use_its_pauses(tok):
     """After pause-finetuning, the answer is read after M_ft pauses: with M_inf = 0 the model is lost (the paper's
     'M_inf = 0 is catastrophic'), and the pause embedding is trained."""
@@ -315,7 +316,7 @@ class _OrderedData(SyntheticReasoningDataModule):
         return torch.utils.data.DataLoader(loader.dataset, batch_size=self.batch_size, sampler=self.order, collate_fn=loader.collate_fn)
 
 
-@pytest.mark.slow  # > 3 s: outside the fast lane
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tok):
     """Two ranks of 4 examples each train exactly like one process on the same 8 examples per step."""
 
@@ -521,3 +522,142 @@ def test_lora_adapters_train_only_the_pause_row_of_the_embeddings_and_reload(tok
     # a new stage from the LoRA checkpoint starts from the merged weights
     merged = PauseTokenLM(model=str(tmp_path / "lora.ckpt"), num_pauses=3)
     assert merged.generate(["12+3="], max_new_tokens=4) == lm.generate(["12+3="], max_new_tokens=4)
+    lm.save_pretrained(tmp_path / "adapters")  # PEFT's adapter directory: not a model to start a stage from
+    with pytest.raises(ValueError, match="PEFT adapter directory"):
+        PauseTokenLM(model=str(tmp_path / "adapters"), num_pauses=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hostile use (issue 18): other architectures, LoRA resume, end tokens and options through checkpoints
+def qwen2_config(tied, **kw):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, tie_word_embeddings=tied, **kw,
+    )
+
+
+def neox_config(**kw):
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, **kw)
+
+
+@pytest.mark.parametrize(
+    "arch", [("qwen2-tied", ["q_proj", "v_proj"]), ("qwen2-untied", ["q_proj", "v_proj"]), ("gpt-neox", ["query_key_value"])],
+    ids=lambda a: a[0],
+)
+def test_lora_on_qwen2_tied_untied_and_gpt_neox_trains_only_the_pause_row(arch):
+    from peft import LoraConfig
+
+    name, targets = arch
+    dm = SyntheticReasoningDataModule(num_train=32, num_val=16, num_test=16, batch_size=16)
+    config = neox_config(vocab_size=len(dm.tokenizer)) if name == "gpt-neox" else qwen2_config(name == "qwen2-tied", vocab_size=len(dm.tokenizer))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0)
+    lm = PauseTokenLM(AutoModelForCausalLM.from_config(config), dm.tokenizer, num_pauses=2, optimizer=adam(1e-2), peft_config=lora)
+    before = lm.model.get_input_embeddings().weight.detach().clone()
+    cpu_trainer(max_steps=2, limit_val_batches=0).fit(lm, dm)
+    ids = torch.arange(len(lm.tokenizer))
+    after = lm.model.get_input_embeddings()(ids).detach()
+    text = ids != lm.pause_token_id
+    assert torch.equal(after[text], before[: len(ids)][text])
+    assert not torch.allclose(after[lm.pause_token_id], before[lm.pause_token_id])
+
+
+def test_lora_keeps_the_pause_row_beside_the_callers_trainable_tokens(tok):
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[5])
+    lm = PauseTokenLM(AutoModelForCausalLM.from_config(llama_config(vocab_size=len(tok))), tok, num_pauses=2, peft_config=lora)
+    assert lm.peft_config.trainable_token_indices == [5, lm.pause_token_id]  # before: [5], the pause row frozen
+    per_layer = LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [5]})
+    lm = PauseTokenLM(AutoModelForCausalLM.from_config(llama_config(vocab_size=len(tok))), tok, num_pauses=2, peft_config=per_layer)
+    assert lm.peft_config.trainable_token_indices == {"embed_tokens": [5, lm.pause_token_id]}
+
+
+def test_lora_resume_restores_adapters_pause_row_and_optimizer(tmp_path):
+    # resumed at an epoch boundary (the datamodules' loaders restart an interrupted epoch from its start, as Lightning
+    # warns), a LoRA run ends exactly where the uninterrupted run does
+    from peft import LoraConfig
+
+    dm = SyntheticReasoningDataModule(num_train=32, num_val=16, num_test=16, batch_size=16, shuffle=False)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(qwen2_config(False, vocab_size=len(dm.tokenizer)))
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+
+    def module():
+        torch.manual_seed(1)  # the same adapter initialisation every time
+        return PauseTokenLM(base, dm.tokenizer, num_pauses=2, optimizer=adam(1e-2), peft_config=lora)
+
+    whole = module()
+    cpu_trainer(max_steps=4, limit_val_batches=0).fit(whole, dm)
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="lora", every_n_train_steps=2, save_top_k=-1)
+    cpu_trainer(max_steps=2, limit_val_batches=0, enable_checkpointing=True, callbacks=[saver]).fit(module(), dm)
+    resumed = module()
+    trainer = cpu_trainer(max_steps=4, limit_val_batches=0)
+    trainer.fit(resumed, dm, ckpt_path=tmp_path / "lora.ckpt")
+    assert trainer.global_step == 4
+    for (name, a), (_, b) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+    # a module built without the adapters cannot take the checkpoint: said before any step
+    with pytest.raises(ValueError, match="holds LoRA adapters"):
+        cpu_trainer(max_steps=5, limit_val_batches=0).fit(
+            PauseTokenLM(base, dm.tokenizer, num_pauses=2), dm, ckpt_path=tmp_path / "lora.ckpt"
+        )
+
+
+def test_a_checkpoint_keeps_the_generation_configs_list_of_end_tokens(tmp_path):
+    dm = SyntheticReasoningDataModule(num_train=32, num_val=16, num_test=16, batch_size=16)
+    lm = PauseTokenLM(qwen2_config(True), dm.tokenizer, num_pauses=2)
+    turn_end = dm.tokenizer.convert_tokens_to_ids("?")
+    lm.model.generation_config.eos_token_id = [dm.tokenizer.eos_token_id, turn_end]  # a chat model's end tokens
+    trainer = cpu_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(lm, dm)
+    trainer.save_checkpoint(tmp_path / "chat.ckpt")
+    # before: both fell back to the config's single EOS, so a chat model never stopped at its turn end
+    assert PauseTokenLM.load_from_checkpoint(tmp_path / "chat.ckpt").eos_token_ids == [dm.tokenizer.eos_token_id, turn_end]
+    assert PauseTokenLM(model=str(tmp_path / "chat.ckpt")).eos_token_ids == [dm.tokenizer.eos_token_id, turn_end]
+
+
+def test_a_model_loaded_from_a_directory_trains_with_dropout_on(tok, tmp_path):
+    AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=len(tok))).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    lm = PauseTokenLM(model=str(tmp_path), num_pauses=2)
+    # from_pretrained returns eval mode and Lightning keeps submodule modes: dropout was off in training
+    assert all(m.training for m in lm.modules())
+
+
+def test_model_kwargs_with_configs_checkpoints_and_model_objects(tok, tmp_path):
+    lm = PauseTokenLM(gpt2_config(), tok, num_pauses=2, model_kwargs={"dtype": torch.bfloat16, "attn_implementation": "eager"})
+    assert next(lm.model.parameters()).dtype == torch.bfloat16  # before: silently float32
+    assert lm.model.config._attn_implementation == "eager"
+    trainer = cpu_trainer(max_steps=1, limit_val_batches=0, precision="bf16-true")
+    trainer.fit(lm, SyntheticReasoningDataModule(num_train=16, num_val=16, num_test=16, batch_size=16))
+    trainer.save_checkpoint(tmp_path / "bf16.ckpt")
+    loaded = PauseTokenLM.load_from_checkpoint(tmp_path / "bf16.ckpt")
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
+    assert loaded.model.config._attn_implementation == "eager"  # before: the options (a torch dtype) were not saved
+    stage = PauseTokenLM(model=str(tmp_path / "bf16.ckpt"), model_kwargs={"torch_dtype": "float32"})
+    assert next(stage.model.parameters()).dtype == torch.float32  # before: the option was ignored
+    with pytest.raises(ValueError, match="model directory"):  # a from_pretrained-only option with a config
+        PauseTokenLM(gpt2_config(), tok, model_kwargs={"revision": "main"})
+    with pytest.raises(ValueError, match="model object is used as it is"):
+        PauseTokenLM(AutoModelForCausalLM.from_config(gpt2_config(vocab_size=len(tok))), tok, model_kwargs={"dtype": "float32"})
+
+
+def test_lora_with_the_embedding_in_modules_to_save(tok):
+    # the usual recipe when adding tokens; before, the pause row was also put in trainable_token_indices and the
+    # first training step failed inside PEFT ("TrainableTokensLayer wraps an unknown layer type")
+    from peft import LoraConfig
+
+    dm = SyntheticReasoningDataModule(num_train=16, num_val=16, num_test=16, batch_size=16)
+    base = AutoModelForCausalLM.from_config(qwen2_config(False, vocab_size=len(dm.tokenizer)))
+    lora = LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    lm = PauseTokenLM(base, dm.tokenizer, num_pauses=2, optimizer=adam(1e-2), peft_config=lora)
+    before = lm.model.get_input_embeddings()(torch.tensor([lm.pause_token_id])).detach().clone()
+    cpu_trainer(max_steps=1, limit_val_batches=0).fit(lm, dm)
+    assert not torch.allclose(lm.model.get_input_embeddings()(torch.tensor([lm.pause_token_id])), before)
+    both = LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"], trainable_token_indices=[3])
+    with pytest.raises(ValueError, match="modules_to_save trains the whole input embedding"):
+        PauseTokenLM(base, dm.tokenizer, num_pauses=2, peft_config=both)
