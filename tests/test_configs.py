@@ -166,6 +166,8 @@ EXPECT: dict[str, Expect] = {
     "dpsgd_f/digits_dpsgd.yaml": Expect(CLASSIFIER, files=("checkpoints/dpsgd_digits/epoch=0-step=2.ckpt",), check=_private),
     "dpsgd_f/digits_dpsgd_f.yaml": Expect(CLASSIFIER, files=("checkpoints/dpsgd_f_digits/epoch=0-step=2.ckpt",),
                                           check=_private),
+    "dpsgd_f/digits_dpsgd_ghost.yaml": Expect(CLASSIFIER, files=("checkpoints/dpsgd_ghost_digits/epoch=0-step=2.ckpt",),
+                                              check=_private),
     "dpsgd_f/mnist_features_dpsgd.yaml": Expect(
         CLASSIFIER, files=("checkpoints/dpsgd_mnist_features/epoch=0-step=2.ckpt",), check=_private, slow=True
     ),
@@ -195,6 +197,19 @@ EXPECT: dict[str, Expect] = {
                                               check=_finetuned("pausept", 0)),
     "pause_tokens/pausept_pauseft.yaml": Expect(PAUSE_FT, after="pause_tokens/pretrain_pause.yaml", args=TINY_TEXT,
                                                 check=_finetuned("pausept", 8)),
+    "selective_ood/digits_unseen_ood.yaml": Expect(("test_acc", "test_scod_auroc", "test_risk", "test_rejection_rate")),
+    "selective_ood/gaussian_loss_based.yaml": Expect(("test_acc", "test_scod_auroc", "test_risk", "test_rejection_rate"),
+                                                     files=("scod_gaussian.ckpt",)),
+    "selective_ood/mnist_black_box.yaml": Expect(("test_acc", "test_scod_auroc", "test_risk", "test_rejection_rate")),
+    # retrieval metrics rank every evaluation query: whole evaluation splits (~25 s each, so slow)
+    **{
+        f"embed_distill/{name}.yaml": Expect(
+            ("test_recall@10", "test_mrr@10", "test_ndcg@10", "test_teacher_recall@10"),
+            files=("embed_distill_student/1_Pooling/config.json",),
+            args=("--trainer.limit_val_batches=1.0", "--trainer.limit_test_batches=1.0"), slow=True,
+        )
+        for name in ("asymmetric", "embed_qgen", "score_kd", "symmetric")
+    },
     "resmem/mnist1d.yaml": Expect((*CLASSIFIER, "test_resmem_acc"), files=("resmem_mnist1d.ckpt",),
                                   args=("--data.init_args.num_samples=1000",), check=_resmem("resmem_mnist1d.ckpt")),
     "resmem/mnist5k.yaml": Expect((*CLASSIFIER, "test_resmem_acc"), files=("resmem_mnist5k.ckpt",),
