@@ -15,6 +15,7 @@ def test_resmem_benchmark_smoke(tmp_path):
     assert not (tmp_path / "r.md").exists()  # --quick never overwrites a results table
 
 
+@pytest.mark.slow  # > 3 s: outside the fast lane
 def test_resmem_knn_benchmark_smoke(tmp_path):
     pytest.importorskip("faiss")
     (row,) = load_benchmark("resmem_knn").main(["--quick", "--out", str(tmp_path / "k.md")])

@@ -426,6 +426,7 @@ class _Before(pl.Callback):
         self.check._orig = (batch[0].clone(), batch[1].clone())
 
 
+@pytest.mark.slow  # > 3 s: outside the fast lane
 def test_ddp_two_processes():
     torch.manual_seed(0)
     net = MLP(64, 10, hidden_sizes=[16])

@@ -1,5 +1,5 @@
-"""TeacherTrajectory: checkpoint ordering, the schedule (teacher checkpoint e at student epoch e), resume, the clear
-errors, and a 2-process DDP run (every rank loads the same checkpoint; weights equal the 1-process run)."""
+"""TeacherTrajectory: checkpoint ordering, the schedule (teacher checkpoint e at student epoch e) and the clear errors.
+Resume and the 2-process run are contracts of its entry in tests/contracts/entries/distillation.py."""
 
 from __future__ import annotations
 
@@ -9,16 +9,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from callbacks import TeacherTrajectory
 from callbacks.teacher_trajectory import list_checkpoints
 from lightning_methods import ClassifierModule, DistillationModule
 from lightning_methods.distillation import load_backbone_weights
-from tests.helpers import cpu_trainer, ddp_trainer
+from tests.helpers import cpu_trainer
 from tests.lightning_methods.test_distillation import (  # noqa: F401  (teacher_dir is a fixture)
     TEACHER_EPOCHS,
-    _InOrderDigits,
     digits,
     student_net,
     teacher_dir,
@@ -89,30 +87,6 @@ def test_student_epoch_e_distils_from_the_scheduled_checkpoint(teacher_dir, kwar
     assert trainer.callback_metrics["teacher_index"] == expected[-1]
 
 
-def test_resume_restores_the_position_and_matches_an_uninterrupted_run(teacher_dir, tmp_path):
-    heads = _heads(teacher_dir)
-
-    def fit(epochs: int, run: str, **kwargs):
-        module, record, trajectory = _module(), _RecordTeacher(heads), TeacherTrajectory(str(teacher_dir))
-        checkpoint = ModelCheckpoint(dirpath=tmp_path / run, save_last=True)
-        trainer = cpu_trainer(
-            max_epochs=epochs, limit_train_batches=3, limit_val_batches=0, enable_checkpointing=True,
-            callbacks=[trajectory, record, checkpoint],
-        )
-        trainer.fit(module, digits(shuffle=False), **kwargs)
-        return module, record, trajectory
-
-    straight, straight_record, _ = fit(4, "straight")
-    fit(2, "interrupted")
-    saved = torch.load(tmp_path / "interrupted" / "last.ckpt", weights_only=True)["callbacks"]["TeacherTrajectory"]
-    assert saved["current_index"] == 1 and len(saved["paths"]) == TEACHER_EPOCHS
-    resumed, record, trajectory = fit(4, "interrupted", ckpt_path=str(tmp_path / "interrupted" / "last.ckpt"))
-    assert trajectory.restored_index == 1
-    assert record.seen == [(2, 2), (3, 3)] and straight_record.seen == [(e, e) for e in range(4)]
-    for a, b in zip(straight.student.parameters(), resumed.student.parameters()):
-        assert torch.allclose(a, b, atol=1e-6)
-
-
 def test_trajectory_errors(teacher_dir, tmp_path):
     with pytest.raises(TypeError, match="`checkpoints` must be"):
         TeacherTrajectory(3)
@@ -136,24 +110,3 @@ def test_trajectory_errors(teacher_dir, tmp_path):
     fails(TeacherTrajectory(str(teacher_dir)), cached, ValueError, "cache_teacher_logits=False")
     wrong = DistillationModule(student_net(), student_net(), num_classes=10)  # the teacher's architecture differs
     fails(TeacherTrajectory(str(teacher_dir)), wrong, ValueError, "`checkpoints=.*` holds weights of another architecture")
-
-
-def test_ddp_two_processes_load_the_same_checkpoints_and_match_one_process(teacher_dir, tmp_path):
-    heads = _heads(teacher_dir)
-    finals = {}
-    for name, make, batch_size in (("single", cpu_trainer, 16), ("ddp", ddp_trainer, 8)):
-        out = tmp_path / name
-        out.mkdir()
-        module = _module()
-        callbacks = [TeacherTrajectory(str(teacher_dir)), _RecordTeacher(heads, out)]
-        trainer = make(
-            max_epochs=3, limit_train_batches=4, limit_val_batches=0, callbacks=callbacks, use_distributed_sampler=False
-        )
-        trainer.fit(module, _InOrderDigits(batch_size=batch_size))
-        finals[name] = torch.cat([p.detach().flatten() for p in module.student.parameters()])
-        logs = {f.name: [tuple(json.loads(line)) for line in f.read_text().splitlines()] for f in out.iterdir()}
-        assert sorted(logs) == (["rank0.jsonl", "rank1.jsonl"] if name == "ddp" else ["rank0.jsonl"])
-        assert all(seen == [(0, 0), (1, 1), (2, 2)] for seen in logs.values()), logs
-    # batch 8 on each of 2 ranks (interleaved indices, gradients averaged) = batch 16 on one process
-    assert torch.allclose(finals["single"], finals["ddp"], atol=1e-5)
-    assert not torch.allclose(finals["single"], torch.cat([p.flatten() for p in _module().student.parameters()]))

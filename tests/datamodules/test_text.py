@@ -76,6 +76,7 @@ def test_text_errors(text_files, tmp_path):
         dm.setup()
 
 
+@pytest.mark.slow  # > 3 s: outside the fast lane
 def test_gensim_wikipedia_articles(tmp_path):
     articles = wikipedia_articles()
     assert len(articles) == 106

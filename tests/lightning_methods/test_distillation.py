@@ -10,17 +10,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 
 from datamodules import DigitsDataModule
 from lightning_methods import ClassifierModule, DistillationModule
 from lightning_methods.distillation import distillation_loss, kd_loss, load_backbone_weights
 from lightning_methods.nets import MLP
-from tests.helpers import cpu_trainer, ddp_trainer
+from tests.helpers import cpu_trainer
 
 TEACHER_EPOCHS = 6
 
@@ -61,16 +59,6 @@ def teacher_dir(tmp_path_factory) -> Path:
 
 def trained_teacher(teacher_dir: Path) -> nn.Module:
     return load_backbone_weights(teacher_dir / "last.ckpt", teacher_net())
-
-
-class _InOrderDigits(DigitsDataModule):
-    """Digits without shuffling under DDP too: Lightning's own DistributedSampler always shuffles training data, so
-    rank r reads examples r, r + 2, ... and the two ranks' batches of 8 are exactly one process's batch of 16."""
-
-    def train_dataloader(self) -> DataLoader:
-        self._require_setup()
-        sampler = DistributedSampler(self.train_dataset, shuffle=False) if dist.is_initialized() else None
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -248,25 +236,6 @@ def test_cached_logits_under_a_true_precision_plugin_match_the_cast_inputs(teach
     x = module.trainer.precision_plugin.convert_input(dm.train_dataset[0][0][None])
     logits, found = module._cache.lookup(x)
     assert found.all() and torch.allclose(logits, module.teacher(x).float(), atol=1e-2)
-
-
-def test_ddp_two_processes_cache_the_whole_table_and_match_one_process_with_the_live_teacher(teacher_dir):
-    # every rank computes the logit table of the whole training set and serves the rows its sampler picks: batch 8
-    # on each of 2 ranks (interleaved indices, gradients averaged) must equal batch 16 on one process, live teacher
-    finals = {}
-    for name, make, batch_size, cache in (("live", cpu_trainer, 16, False), ("ddp_cached", ddp_trainer, 8, True)):
-        pl.seed_everything(0)
-        module = DistillationModule(
-            student_net(), trained_teacher(teacher_dir), num_classes=10, temperature=2.0, alpha=0.5,
-            cache_teacher_logits=cache,
-        )
-        trainer = make(max_epochs=2, limit_train_batches=4, limit_val_batches=0, use_distributed_sampler=False)
-        trainer.fit(module, _InOrderDigits(batch_size=batch_size))
-        finals[name] = torch.cat([p.detach().flatten() for p in module.student.parameters()])
-    pl.seed_everything(0)
-    initial = torch.cat([p.flatten() for p in student_net().parameters()])
-    assert not torch.allclose(finals["live"], initial)
-    assert torch.allclose(finals["live"], finals["ddp_cached"], atol=1e-5)
 
 
 def test_third_batch_element_is_teacher_logits():

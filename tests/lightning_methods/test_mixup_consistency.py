@@ -147,6 +147,7 @@ class _RankCheck(pl.Callback):
         module.log("check/teacher_moved", (flat - torch.cat([p.flatten() for p in module.model.parameters()])).abs().max(), rank_zero_only=True)
 
 
+@pytest.mark.slow  # > 3 s: outside the fast lane
 def test_ddp_two_processes():
     pl.seed_everything(0)
     module = MixupConsistencyModule(MLP(64, 10, hidden_sizes=[16]), 10, num_points=3, ema_decay=0.9)

@@ -140,6 +140,7 @@ def test_leave_one_out_tuning_never_uses_a_point_as_its_own_neighbour():
 
 
 # -- training, checkpoints, CLI ------------------------------------------------------------------------------------
+@pytest.mark.slow  # > 3 s: outside the fast lane
 def test_resmem_beats_its_base_model_on_mnist1d_and_reloads_identically(tmp_path, monkeypatch):
     pl.seed_everything(0)
     dm = MNIST1DDataModule(num_samples=4000, batch_size=128)
@@ -196,6 +197,7 @@ class _SaveMemoryOnEveryRank(Callback):
         torch.save(pl_module.memory_embeddings.clone(), Path(self.directory) / f"rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.slow  # > 3 s: outside the fast lane
 def test_ddp_memory_equals_the_single_process_memory(tmp_path):
     """2 processes each embed half the training set; the all-gathered memory is the 1-process memory, on every rank."""
     torch.manual_seed(0)
