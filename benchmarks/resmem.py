@@ -45,10 +45,10 @@ def knn_only(model: ResMem, val: TensorDataset, test: TensorDataset, ks: list[in
     """Kernel-weighted kNN on the memorized labels, (k, sigma) picked on ``val``; returns test accuracy and the pick."""
 
     def scores(data: TensorDataset) -> tuple[dict, torch.Tensor]:
-        emb, _, targets = model.embed(data)
+        emb, _, targets = model.embed(data)  # class indices (the memory stores integer labels)
         sq, idx = model.search(emb, max(ks))
-        labels = model.memory_targets[idx]
-        return {(k, s): (resmem_weights(sq[:, :k], s).unsqueeze(-1) * labels[:, :k]).sum(1) for k in ks for s in sigmas}, targets.argmax(1)
+        labels = torch.nn.functional.one_hot(model.memory_targets[idx], model.num_classes).float()
+        return {(k, s): (resmem_weights(sq[:, :k], s).unsqueeze(-1) * labels[:, :k]).sum(1) for k in ks for s in sigmas}, targets
 
     val_scores, val_y = scores(val)
     best = max(val_scores, key=lambda key: (val_scores[key].argmax(1) == val_y).float().mean().item())
