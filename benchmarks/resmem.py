@@ -79,7 +79,7 @@ def run_one(splits, n_train: int, width: int, seed: int, epochs: int, batch_size
         base_acc = (model(test_x).argmax(1) == test_y).float().mean().item()
         resmem_acc = (model.predict(test_x).argmax(1) == test_y).float().mean().item()
     knn_acc, knn_pick = knn_only(model, val, test, GRID["k"], GRID["sigma"])
-    train_acc = (model.memory_outputs.argmax(1) == model.memory_targets.argmax(1)).float().mean().item()
+    train_acc = (model.memory_outputs.argmax(1) == model.memory_targets).float().mean().item()
     return {
         "n_train": n_train, "width": width, "seed": seed, "base": base_acc, "resmem": resmem_acc, "knn": knn_acc,
         "base_train": train_acc, "pick": (tuned["k"], tuned["sigma"], tuned["temperature"]), "knn_pick": knn_pick,
