@@ -486,6 +486,25 @@ def _check_bottom_k(bottom_k: int | None, num_classes: int) -> int:
 # --------------------------------------------------------------------------------------------------------------------
 # The teacher
 # --------------------------------------------------------------------------------------------------------------------
+
+    # -- the Lightning hooks both modules share (the mixin comes first in their bases, so super() is the Lightning base)
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._maybe_update_after_step()
+
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        self._log_multipliers()
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        self._log_class_metrics("val")
+        self._maybe_update_after_validation()
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._log_class_metrics("test")
+
+
 class RobustClassifierModule(_ClassRobust, ClassifierModule):
     """A classifier trained for worst-class accuracy: the robust teachers of Wang et al. (2023), Sec. 3.
 
@@ -581,21 +600,6 @@ class RobustClassifierModule(_ClassRobust, ClassifierModule):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self.scores(x).softmax(dim=-1)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._maybe_update_after_step()
-
-    def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()
-        self._log_multipliers()
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        self._log_class_metrics("val")
-        self._maybe_update_after_validation()
-
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        self._log_class_metrics("test")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -784,20 +788,3 @@ class RobustDistillationModule(_ClassRobust, DistillationModule):
             return (1.0 - self.alpha) * self.loss(logits, targets) + self.alpha * kd
         check_targets(logits, targets)
         return kd
-
-    # -- hooks ---------------------------------------------------------------------------------------------------------------
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._maybe_update_after_step()
-
-    def on_train_epoch_end(self) -> None:
-        super().on_train_epoch_end()
-        self._log_multipliers()
-
-    def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
-        self._log_class_metrics("val")
-        self._maybe_update_after_validation()
-
-    def on_test_epoch_end(self) -> None:
-        super().on_test_epoch_end()
-        self._log_class_metrics("test")
