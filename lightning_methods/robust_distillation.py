@@ -474,19 +474,6 @@ class _ClassRobust:
     def _log_class_metrics(self, stage: str) -> None:
         self.log_metric(stage, getattr(self, f"{stage}_classes"))  # type: ignore[attr-defined]
 
-
-def _check_bottom_k(bottom_k: int | None, num_classes: int) -> int:
-    if bottom_k is None:
-        return min(3, num_classes)
-    if isinstance(bottom_k, bool) or not isinstance(bottom_k, int) or not 1 <= bottom_k <= num_classes:
-        raise ValueError(f"`bottom_k` must be an integer in [1, num_classes={num_classes}], got {bottom_k!r}.")
-    return bottom_k
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The teacher
-# --------------------------------------------------------------------------------------------------------------------
-
     # -- the Lightning hooks both modules share (the mixin comes first in their bases, so super() is the Lightning base)
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._maybe_update_after_step()
@@ -503,6 +490,20 @@ def _check_bottom_k(bottom_k: int | None, num_classes: int) -> int:
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
         self._log_class_metrics("test")
+
+
+def _check_bottom_k(bottom_k: int | None, num_classes: int) -> int:
+    if bottom_k is None:
+        return min(3, num_classes)
+    if isinstance(bottom_k, bool) or not isinstance(bottom_k, int) or not 1 <= bottom_k <= num_classes:
+        raise ValueError(f"`bottom_k` must be an integer in [1, num_classes={num_classes}], got {bottom_k!r}.")
+    return bottom_k
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The teacher
+# --------------------------------------------------------------------------------------------------------------------
+
 
 
 class RobustClassifierModule(_ClassRobust, ClassifierModule):
