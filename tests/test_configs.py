@@ -208,7 +208,8 @@ EXPECT: dict[str, Expect] = {
         f"embed_distill/{name}.yaml": Expect(
             ("test_recall@10", "test_mrr@10", "test_ndcg@10", "test_teacher_recall@10"),
             files=("embed_distill_student/1_Pooling/config.json",),
-            args=("--trainer.limit_val_batches=1.0", "--trainer.limit_test_batches=1.0"), slow=True,
+            args=("--trainer.limit_val_batches=1.0", "--trainer.limit_test_batches=1.0",
+                  "--data.init_args.max_articles=12", "--data.init_args.passages_per_article=3"), slow=True,
         )
         for name in ("asymmetric", "embed_qgen", "score_kd", "symmetric")
     },
