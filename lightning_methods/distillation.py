@@ -430,15 +430,20 @@ class DistillationModule(HoldsFrozenModels, ClassifierModule):
             logits[missing] = self.teacher_logits(x[missing]).to(logits.dtype)
         return logits
 
+    def kd_term(self, logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """The distillation term of a batch, ``tau^2 KL(p_t^tau || p_s^tau)``; subclasses change the KD objective here
+        (``kd_objective`` mixes it with the one-hot loss and logs it as ``train_kd``)."""
+        return kd_loss(logits, teacher_logits, self.temperature)
+
     def kd_objective(self, logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The loss of a distilling step: ``(1 - alpha) loss(logits, targets) + alpha tau^2 KL`` (``loss`` is the
-        one-hot objective, plain cross-entropy here); subclasses change the KD objective here."""
+        """The loss of a distilling step: ``(1 - alpha) loss(logits, targets) + alpha kd_term`` (``loss`` is the
+        one-hot objective, plain cross-entropy here)."""
         if teacher_logits.shape != logits.shape:
             raise ValueError(
                 f"Teacher logits of shape {tuple(teacher_logits.shape)} do not match the student's "
                 f"{tuple(logits.shape)}: teacher and student must output the same `num_classes`."
             )
-        kd = kd_loss(logits, teacher_logits, self.temperature)
+        kd = self.kd_term(logits, teacher_logits)
         self._kd_sum = kd.detach() * len(logits) + (0.0 if self._kd_sum is None else self._kd_sum)
         self._kd_count += len(logits)
         if self.alpha < 1.0:

@@ -777,15 +777,10 @@ class RobustDistillationModule(_ClassRobust, DistillationModule):
             return soft_cross_entropy(logits, targets, self.label_smoothing)
         return class_weighted_cross_entropy(logits, targets, self.example_weights(), self.label_smoothing)
 
-    def kd_objective(self, logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``(1 - alpha) sum_y w_y R_y + alpha sum_y w_y R^d_y`` on the calibrated teacher's scores."""
+    def kd_term(self, logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """``sum_y w_y R^d_y`` on the calibrated teacher's scores (DistillationModule's ``kd_objective`` mixes it as
+        ``(1 - alpha) sum_y w_y R_y + alpha sum_y w_y R^d_y``, ``loss`` being the weighted one-hot risk)."""
         teacher_logits = self.calibrate_teacher(teacher_logits)
         if self.objective == "kd":
-            return super().kd_objective(logits, teacher_logits, targets)
-        kd = class_weighted_kd_loss(logits, teacher_logits, self.example_weights(), self.temperature)
-        self._kd_sum = kd.detach() * len(logits) + (0.0 if self._kd_sum is None else self._kd_sum)
-        self._kd_count += len(logits)
-        if self.alpha < 1.0:
-            return (1.0 - self.alpha) * self.loss(logits, targets) + self.alpha * kd
-        check_targets(logits, targets)
-        return kd
+            return super().kd_term(logits, teacher_logits)
+        return class_weighted_kd_loss(logits, teacher_logits, self.example_weights(), self.temperature)
