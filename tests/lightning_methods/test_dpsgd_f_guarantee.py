@@ -8,7 +8,6 @@ noise actually added measured against the ledger's multiplier in one process and
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 
@@ -34,20 +33,8 @@ from lightning_methods.dpsgd_f import (
     smallest_n_for_radius,
     unit_normalize,
 )
-from lightning_methods.nets import MLP
 from tests.helpers import cpu_trainer, ddp_trainer
-
-SGD = functools.partial(torch.optim.SGD, lr=1.0)
-
-
-def linear(d: int = 64, c: int = 10) -> nn.Module:
-    return MLP(in_features=d, num_classes=c, hidden_sizes=[])
-
-
-def module(**kwargs) -> DPSGDFModule:
-    args = dict(num_classes=10, target_epsilon=1.0, delta=1e-5, max_grad_norm=1.0, optimizer=SGD)
-    args.update(kwargs)
-    return DPSGDFModule(args.pop("model", None) or linear(), **args)
+from tests.lightning_methods.test_dpsgd_f import SGD, linear, module  # one set of builders for the DP tests
 
 
 def quiet(**kwargs) -> pl.Trainer:
