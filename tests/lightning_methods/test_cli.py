@@ -18,20 +18,19 @@ QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 TINY = ["--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
 
 
-@pytest.mark.slow
-def test_quickstart_console_script_prints_test_accuracy(tmp_path):
-    """The README's first command, as written, through the installed console script."""
+@pytest.mark.slow  # ~12 s: two Python processes import torch and Lightning
+def test_quickstart_under_strategy_ddp_runs_two_processes(tmp_path):
+    """Real multi-GPU jobs use `strategy="ddp"`, which re-runs the command in each process: the console script,
+    2 CPU processes (the quickstart as written, through the installed console script: tests/test_clean_checkout.py)."""
+    args = ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_epochs=3"]
     proc = subprocess.run(
-        ["lightning-methods", "fit", "--config", QUICKSTART],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        ["lightning-methods", "fit", "--config", QUICKSTART, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = sorted(set(re.findall(r"GLOBAL_RANK: (\d+), MEMBER: \d+/2", proc.stdout + proc.stderr)))
+    assert ranks == ["0", "1"], (proc.stdout + proc.stderr)[-2000:]
     match = re.search(r"test_acc\s*[│|]\s*([0-9.]+)", proc.stdout)
-    assert match, proc.stdout[-2000:]
-    assert float(match.group(1)) >= 0.9
+    assert match and float(match.group(1)) > 0.8, proc.stdout[-2000:]  # 3 epochs of 2 x 64 examples per step
 
 
 def test_print_config_shows_the_resolved_config(capsys, monkeypatch):
