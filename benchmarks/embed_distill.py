@@ -114,11 +114,12 @@ def run(args: argparse.Namespace) -> dict:
     out = trainer(1).test(untrained, plain, verbose=False)[0]
     results["untrained"] = {m: out[f"test_{m}"] for m in METRICS}
     results["teacher"] = teacher_metrics
-    test_queries = plain.queries("test") * max(1, 256 // len(plain.queries("test")))
+    test_queries = plain.queries("test") * max(1, args.speed_queries // len(plain.queries("test")))
+    repeats = 1 if args.quick else 3
     results["speed"] = {
         "queries": len(test_queries),
-        "teacher_qps": queries_per_second(teacher, test_queries),
-        "student_qps": queries_per_second(base_student, test_queries),
+        "teacher_qps": queries_per_second(teacher, test_queries, repeats),
+        "student_qps": queries_per_second(base_student, test_queries, repeats),
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
         "student_params": sum(p.numel() for p in base_student.parameters()),
         "teacher_layer_params": sum(p.numel() for p in teacher.model.encoder.parameters()),
@@ -179,10 +180,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--generated", type=int, default=2, help="generated queries per training passage")
     parser.add_argument("--cache-dir", default=None, help="teacher embedding cache (default: a temporary directory)")
     parser.add_argument("--out", default=str(RESULTS / "embed_distill.md"))
-    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 2 steps, 8 articles")
+    parser.add_argument("--speed-queries", type=int, default=256, help="test queries (repeated) timed per encoder")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 2 steps, 8 articles, 32 timed queries once")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.steps, args.articles, args.passages = 1, 2, 8, 3
+        args.seeds, args.steps, args.articles, args.passages, args.speed_queries = 1, 2, 8, 3, 32
     with tempfile.TemporaryDirectory() as tmp:
         if args.cache_dir is None:
             args.cache_dir = tmp

@@ -105,7 +105,8 @@ def _report_peak(library: str, shape: str, num_queries: str, k: str, block_size:
     print(json.dumps({"peak_mib": peak}))
 
 
-def bench(num_keys: int, dim: int, num_queries: int, k: int, repeats: int, block_size: int) -> dict:
+def bench(num_keys: int, dim: int, num_queries: int, k: int, repeats: int, block_size: int, peaks_of=None) -> dict:
+    """One row of the table; ``peaks_of``: the libraries whose peak memory is measured (default: all three)."""
     keys, queries = _data(num_keys, dim, num_queries)
     searches = _searches(keys, queries, k, block_size)
     results = {name: fn() for name, fn in searches.items()}  # also the warm-up
@@ -130,7 +131,11 @@ def bench(num_keys: int, dim: int, num_queries: int, k: int, repeats: int, block
         "same_as_faiss": float((t_i == f_i).all(axis=1).mean()),
         "same_as_sklearn": float((t_i == s_i).all(axis=1).mean()),
         "max_d2_diff": float(max(np.abs(t_d - f_d).max(), np.abs(t_d - s_d**2).max())),
-        "peak_mib": {name: peak_in_fresh_process(name, num_keys, dim, num_queries, k, block_size) for name in searches},
+        "peak_mib": {
+            name: peak_in_fresh_process(name, num_keys, dim, num_queries, k, block_size)
+            if peaks_of is None or name in peaks_of else None
+            for name in searches
+        },
         "tile_mib": min(QUERY_BLOCK, num_queries) * min(block_size, num_keys) * 4 / 2**20,
         "full_matrix_mib": num_queries * num_keys * 4 / 2**20,
     }
@@ -185,7 +190,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for shape in args.shapes:
             n, d = (int(v) for v in shape.lower().split("x"))
             for k in args.k:
-                row = bench(n, d, args.queries, k, args.repeats, args.block_size)
+                # --quick: one fresh process (torch's), not three: the smoke run checks the path, not the numbers
+                row = bench(n, d, args.queries, k, args.repeats, args.block_size, ["torch"] if args.quick else None)
                 rows.append(row)
                 print(
                     f"{row['memory']} k={k}: torch {row['qps']['torch']:.0f} q/s, faiss {row['qps']['faiss']:.0f}, "

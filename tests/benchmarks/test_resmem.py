@@ -21,4 +21,5 @@ def test_resmem_knn_benchmark_smoke(tmp_path):
     (row,) = load_benchmark("resmem_knn").main(["--quick", "--out", str(tmp_path / "k.md")])
     assert row["same_as_faiss"] == 1.0 and row["same_as_sklearn"] == 1.0
     assert row["max_d2_diff"] < 1e-4 and all(q > 0 for q in row["qps"].values())
+    assert row["peak_mib"]["torch"] is not None and row["peak_mib"]["torch"] >= 0  # measured in a fresh process
     assert not (tmp_path / "k.md").exists()
