@@ -143,6 +143,15 @@ def _private(cli: Any, workdir: Path) -> None:
     assert bool(module.preprocessor.fitted) == module.preprocess
 
 
+def _exported_student(cli: Any, workdir: Path) -> None:
+    """The exported student loads in sentence-transformers and encodes queries as the module does."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(workdir / cli.model.export_dir), device="cpu")
+    torch.testing.assert_close(torch.as_tensor(st.encode(["a query"])), cli.model.encode_queries(["a query"]),
+                               atol=1e-5, rtol=1e-4)
+
+
 def _between(value: Any, low: float, high: float) -> None:
     assert low <= float(value) <= high, f"{float(value)} not in [{low}, {high}]"
 
@@ -210,6 +219,7 @@ EXPECT: dict[str, Expect] = {
             files=("embed_distill_student/1_Pooling/config.json",),
             args=("--trainer.limit_val_batches=1.0", "--trainer.limit_test_batches=1.0",
                   "--data.init_args.max_articles=12", "--data.init_args.passages_per_article=3"), slow=True,
+            check=_exported_student,
         )
         for name in ("asymmetric", "embed_qgen", "score_kd", "symmetric")
     },

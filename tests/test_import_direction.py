@@ -200,11 +200,12 @@ def test_checker_reports_the_line(tmp_path):
     assert forbidden_imports(path, CORE) == [(4, "callbacks.mixup")]
 
 
-@pytest.mark.slow  # a fresh interpreter importing lightning: ~7 s of CPU
-def test_moved_mixup_math_loads_without_callbacks_or_datamodules():
-    """At run time too: the shared mixing math and ICT import neither package (a fresh interpreter)."""
+@pytest.mark.slow  # a fresh interpreter importing lightning: ~10 s of CPU
+def test_moved_mixup_math_and_dp_accounting_load_without_callbacks_or_datamodules():
+    """At run time too: the shared mixing math, ICT and DPSGDFModule (with the privacy accounting moved out of
+    callbacks) import neither package (one fresh interpreter for all three)."""
     code = (
-        "import sys, lightning_methods.mixup, lightning_methods.mixup_consistency\n"
+        "import sys, lightning_methods.mixup, lightning_methods.mixup_consistency, lightning_methods.dpsgd_f\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('callbacks', 'datamodules'))\n"
         "assert not bad, bad\n"
     )

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
-from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,9 +25,8 @@ from lightning_methods.embed_distill import (
     retrieval_metrics,
     top_k_inner_product,
 )
-from tests.helpers import cpu_trainer, ddp_trainer, load_benchmark, run_cli
+from tests.helpers import cpu_trainer, ddp_trainer, load_benchmark
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "embed_distill"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -388,28 +385,7 @@ def test_embedding_matching_moves_a_minilm_student_towards_the_teacher(tmp_path)
     assert trainer.callback_metrics["train_embedding"] < before[0]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_configs_run_through_the_cli(config, tmp_path, monkeypatch):
-    # configs/embed_distill/asymmetric.yaml, configs/embed_distill/score_kd.yaml,
-    # configs/embed_distill/embed_qgen.yaml, configs/embed_distill/symmetric.yaml
-    monkeypatch.chdir(tmp_path)
-    cli = run_cli(
-        "fit", "--config", str(CONFIGS / config), "--trainer.max_steps=2", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", "--data.init_args.max_articles=6",
-        "--data.init_args.passages_per_article=3", f"--data.init_args.cache_dir={tmp_path / 'cache'}",
-        "--model.init_args.student.init_args.num_layers=1",
-    )
-    assert cli.trainer.global_step == 2
-    logged = cli.trainer.callback_metrics
-    assert "test_mrr@10" in logged and "test_teacher_mrr@10" in logged  # test_after_fit ran on the whole corpus
-    export = tmp_path / cli.model.export_dir
-    assert (export / "modules.json").is_file()
-    from sentence_transformers import SentenceTransformer
-
-    st = SentenceTransformer(str(export), device="cpu")
-    torch.testing.assert_close(torch.as_tensor(st.encode(["a query"])), cli.model.encode_queries(["a query"]),
-                               atol=1e-5, rtol=1e-4)
+# the four configs run through the CLI in tests/test_configs.py (EXPECT: metrics, the export, its encodings)
 
 
 @pytest.mark.slow
