@@ -73,6 +73,7 @@ def test_a_failure_on_one_rank_is_raised_and_the_next_fit_gets_fresh_workers():
     assert trainer.state.finished and not torch.equal(module.layer.weight, before)
 
 
+@pytest.mark.slow  # starts the session's workers when it runs first (~8 s)
 def test_weights_and_metrics_come_back_and_workers_see_the_tests_folder_and_environment(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LM_POOL_PROBE", "probe")

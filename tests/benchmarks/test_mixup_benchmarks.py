@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.helpers import load_benchmark
 
 
+@pytest.mark.slow  # ~3 s
 def test_mixup_linearity_quick(tmp_path):
     text = load_benchmark("mixup_linearity").main(["--quick", "--out", str(tmp_path)])
     for arm in ("erm", "mixup_k2", "mixup_k4", "ict_k2", "ict_k4"):

@@ -114,6 +114,7 @@ def test_links_only_into_parameters_the_classes_take():
     assert len(_link_targets({"": None, "student": None})) == 1 + 4
 
 
+@pytest.mark.slow  # a fresh interpreter: ~3 s
 def test_package_imports_stay_light():
     """`import lightning_methods, callbacks, datamodules` must not pull transformers, opacus or faiss."""
     code = (
