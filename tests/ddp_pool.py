@@ -3,29 +3,36 @@
 Why: a fresh ``ddp_spawn`` pair costs ~7 s on a 2-core machine before it trains anything (each process imports torch
 and Lightning; measured: a 2-step ``BoringModel`` fit under ``ddp_spawn`` took 7.7 s), and ~30 tests run 2 processes:
 over 3 of the suite's 10 minutes went to starting Python. :class:`PooledDDPSpawnStrategy` runs every 2-process fit on
-the same two spawned processes, whose gloo process group stays up between fits.
+the same two spawned processes.
 
-What stays exactly as in ``ddp_spawn`` (``DDPStrategy(start_method="spawn")``): Lightning's own worker code runs in
-the workers (``_MultiProcessingLauncher._wrapping_function``); the trainer, module, datamodule and callbacks are
-pickled to the two processes (so everything a test fits on 2 processes must pickle, as for users of ``ddp_spawn``);
-the determinism flags and RNG states of the test process are restored there before the fit; rank 0's weights, the
-trainer state and the callback metrics come back to the test process; the strategy is a ``DDPStrategy``. Per fit the
-workers also take the test process's working directory and environment. What differs: module-level state of imported
-modules outlives one fit (as it would in a long-running user process).
+What stays as in ``ddp_spawn`` (``DDPStrategy(start_method="spawn")``): Lightning's own worker code runs in the workers
+(``_MultiProcessingLauncher._wrapping_function``); the trainer, module, datamodule and callbacks are pickled to the two
+processes (so everything a test fits on 2 processes must pickle, as for users of ``ddp_spawn``); the determinism flags
+and RNG states of the test process are restored there before the fit; each fit sets up its own process group (the
+strategy's port, backend and timeout) and the worker destroys it when the fit ends; rank 0's weights, the trainer
+state and the callback metrics come back to the test process; the strategy is a ``DDPStrategy``. Per fit the workers
+also take the test process's working directory, environment and ``sys.path``. What differs: module-level state of
+imported modules outlives one fit (as it would in a long-running user process), and the workers' stdout/stderr are
+the test process's file descriptors (pytest's fd capture shows them with the test that ran the fit).
 
-Failures: an exception on either rank, a rank that dies, a fit that runs past :data:`TIMEOUT_S` or a test interrupted
-while waiting (pytest-timeout, Ctrl-C) stops both workers; the error is raised in the test process like
-``ddp_spawn`` raises it (``torch.multiprocessing.ProcessRaisedException`` with the rank's traceback), and the next
-fit starts a fresh pair. ``LM_FRESH_DDP_SPAWN=1`` makes :func:`tests.helpers.ddp_trainer` use plain ``ddp_spawn``
-instead; ``tests/test_ddp_pool.py`` checks that both give the same state.
+Failures: an exception on either rank (the first to arrive is reported), a rank that dies, a fit that runs past
+:data:`TIMEOUT_S` or a test interrupted while waiting (pytest-timeout, Ctrl-C) stops both workers; a rank still
+waiting first prints its threads' stacks (faulthandler) to stderr. The error is raised in the test process as
+``ddp_spawn`` raises it (``torch.multiprocessing.ProcessRaisedException`` with the rank's traceback, or
+``ProcessExitedException``), and the next fit starts a fresh pair. Workers die with the test process (Linux
+``PR_SET_PDEATHSIG``). ``LM_FRESH_DDP_SPAWN=1`` makes :func:`tests.helpers.ddp_trainer` use plain ``ddp_spawn``
+instead; ``tests/test_ddp_pool.py`` checks that both give the same state, and the failure paths.
 """
 
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import gc
 import os
-import socket
+import signal
+import sys
+import time
 import traceback
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
@@ -53,30 +60,51 @@ class _ReturnQueue:
         self.items.append(item)
 
 
-def _serve(rank: int, port: int, conn: Connection) -> None:
-    """A worker: join the 2-process gloo group, then run the wrapped fits the test process sends until told to stop."""
+def _die_with_the_parent() -> None:
+    """Linux: the kernel kills this worker when the test process dies (as torch's own spawn wrapper arranges), so a
+    worker blocked in a collective cannot outlive a killed pytest."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _serve(rank: int, conn: Connection) -> None:
+    """A worker: run the wrapped fits the test process sends until told to stop.
+
+    Each fit sets up its own process group (Lightning's ``_init_dist_connection``, with the strategy's port, backend
+    and timeout, as in a fresh ``ddp_spawn`` process) and the worker destroys it when the fit ends, so nothing of one
+    fit's communication outlives it and a rank that finished closes its connections like an exiting process would.
+    """
+    import torch
     import torch.distributed as dist
 
-    own = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(WORLD), "RANK": str(rank)}
-    os.environ.update(own)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    _die_with_the_parent()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test process asks for a stack before a kill
+    default_dtype = torch.get_default_dtype()
     while True:
         message = conn.recv_bytes()
         if not message:
             break
         try:
-            cwd, env, wrapped, args = ForkingPickler.loads(message)
+            cwd, env, path, payload = ForkingPickler.loads(message)
             os.chdir(cwd)
             os.environ.clear()
             os.environ.update(env)
-            os.environ.update(own)
+            sys.path[:] = path  # before unpickling the fit: its classes may live where a test put them
+            wrapped, args = ForkingPickler.loads(payload)
             returned = _ReturnQueue()
             wrapped(rank, *args[:4], returned, *args[4:])
             answer: tuple = ("ok", returned.items[0] if returned.items else None)
         except BaseException as err:  # noqa: BLE001 - every failure goes back to the test process
             answer = ("error", f"{type(err).__name__}: {err}", traceback.format_exc())
         finally:
-            message = wrapped = args = None  # type: ignore[assignment]
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+            torch.set_default_dtype(default_dtype)  # global torch state outside Lightning's snapshot
+            message = payload = wrapped = args = None  # type: ignore[assignment]
             gc.collect()
         try:
             conn.send(answer)
@@ -93,13 +121,10 @@ class _Pool:
 
     def _start(self) -> None:
         context = mp.get_context("spawn")
-        with socket.socket() as sock:  # a free port for the gloo rendezvous
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         for rank in range(WORLD):
             ours, theirs = context.Pipe()
             # not daemonic: as under mp.start_processes, a fit may start DataLoader worker processes
-            proc = context.Process(target=_serve, args=(rank, port, theirs), name=f"ddp-pool-rank{rank}")
+            proc = context.Process(target=_serve, args=(rank, theirs), name=f"ddp-pool-rank{rank}")
             proc.start()
             theirs.close()
             self.procs.append(proc)
@@ -129,43 +154,62 @@ class _Pool:
             for conn in self.conns:
                 # pickled once per worker, as mp.start_processes does: a shared CPU tensor's file descriptor is
                 # handed out once per pickle
-                conn.send_bytes(bytes(ForkingPickler.dumps((os.getcwd(), dict(os.environ), wrapped, args))))
+                payload = bytes(ForkingPickler.dumps((wrapped, args)))
+                conn.send_bytes(bytes(ForkingPickler.dumps((os.getcwd(), dict(os.environ), list(sys.path), payload))))
             return self._collect()
         except BaseException:
             self.stop(kill=True)  # a rank may be blocked in a collective of the failed fit: start afresh next time
             raise
 
+    def _exited(self, rank: int) -> mp.ProcessExitedException:
+        proc = self.procs[rank]
+        proc.join(timeout=5)
+        return mp.ProcessExitedException(
+            f"process {rank} terminated with exit code {proc.exitcode}",
+            error_index=rank, error_pid=proc.pid, exit_code=proc.exitcode,
+        )
+
+    def _dump_stacks(self, ranks: list[int]) -> None:
+        """Ask the given (stuck) workers to print every thread's stack to stderr, where the failing test shows it."""
+        for rank in ranks:
+            if self.procs[rank].is_alive():
+                os.kill(self.procs[rank].pid, signal.SIGUSR1)
+        time.sleep(1.0)
+
     def _collect(self) -> Any:
         answers: dict[int, tuple] = {}
+        failed: list[int] = []  # in the order the errors arrived: the first is normally the cause
         pending = dict(enumerate(self.conns))
         waited_after_error = False
         while pending:
-            sentinels = {self.procs[rank].sentinel: rank for rank in pending}
-            errors = [rank for rank, answer in answers.items() if answer[0] == "error"]
             # once a rank failed, the other may wait forever in a collective: give it a few seconds to fail too
-            timeout = 5.0 if errors else TIMEOUT_S
+            timeout = 5.0 if failed else TIMEOUT_S
+            sentinels = {self.procs[rank].sentinel: rank for rank in pending}
             ready = wait([*pending.values(), *sentinels], timeout=timeout)
             if not ready:
-                if errors:
+                self._dump_stacks(sorted(pending))
+                if failed:
                     waited_after_error = True
                     break
-                raise TimeoutError(f"a 2-process fit ran past {TIMEOUT_S:.0f} s; both worker processes were stopped")
+                raise TimeoutError(
+                    f"a 2-process fit ran past {TIMEOUT_S:.0f} s; the stacks of ranks {sorted(pending)} are in the "
+                    "captured stderr, and both worker processes were stopped"
+                )
             for item in ready:
                 rank = sentinels.get(item)  # type: ignore[arg-type]
-                if rank is not None and rank not in pending:
-                    continue
                 if rank is None:
                     rank = next(r for r, conn in pending.items() if conn is item)
-                    answers[rank] = item.recv()
-                elif not self.conns[rank].poll():
-                    raise mp.ProcessExitedException(
-                        f"process {rank} terminated with exit code {self.procs[rank].exitcode}",
-                        error_index=rank, error_pid=self.procs[rank].pid, exit_code=self.procs[rank].exitcode,
-                    )
-                else:
+                if rank not in pending:
                     continue
-                pending.pop(rank, None)
-        failed = sorted(rank for rank, answer in answers.items() if answer[0] == "error")
+                if not self.conns[rank].poll():
+                    raise self._exited(rank)  # gone without a word
+                try:
+                    answers[rank] = self.conns[rank].recv()
+                except EOFError:  # a dead process's pipe reads as end-of-file
+                    raise self._exited(rank) from None
+                pending.pop(rank)
+                if answers[rank][0] == "error":
+                    failed.append(rank)
         if failed:
             rank = failed[0]
             _, summary, trace = answers[rank]
@@ -195,6 +239,7 @@ class _PooledLauncher(_MultiProcessingLauncher):
             raise ValueError(f"PooledDDPSpawnStrategy runs {WORLD} processes, not {self._strategy.num_processes}.")
         if self._already_fit and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             raise NotImplementedError("Calling `trainer.fit()` twice on the same Trainer with a spawn-based strategy.")
+        os.environ["MASTER_PORT"] = str(self._strategy.cluster_environment.main_port)  # as ddp_spawn's launcher does
         # the same arguments ddp_spawn passes to its processes, in the same order (the return queue is made per worker)
         worker_output = _POOL.run(self._wrapping_function, (trainer, function, args, kwargs, _GlobalStateSnapshot.capture()))
         if trainer is None:

@@ -33,6 +33,23 @@ class _FailsOnRank(BoringModel):
         return super().training_step(batch, batch_idx)
 
 
+class _ExitsOnRank1(BoringModel):
+    """Rank 1's process dies in its second step (a segfault or an out-of-memory kill looks like this)."""
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 1 and self.global_rank == 1:
+            os._exit(3)
+        return super().training_step(batch, batch_idx)
+
+
+class _Rank1WaitsAtTheEnd(pl.Callback):
+    """Rank 1 enters a collective rank 0 never joins, after a fit both finished."""
+
+    def on_fit_end(self, trainer, pl_module):
+        if trainer.global_rank == 1:
+            dist.barrier()
+
+
 class _LogsItsRank(BoringModel):
     def training_step(self, batch, batch_idx):
         self.log("rank_sum", float(self.global_rank), sync_dist=True, reduce_fx="sum")
@@ -74,6 +91,22 @@ def test_a_failure_on_one_rank_is_raised_and_the_next_fit_gets_fresh_workers():
 
 
 @pytest.mark.slow  # starts the session's workers when it runs first (~8 s)
+@pytest.mark.slow  # starts a second pair of workers (~8 s)
+def test_a_dead_rank_is_reported_with_its_exit_code():
+    with pytest.raises(mp.ProcessExitedException, match="exit code 3"):
+        _fit(_ExitsOnRank1())
+
+
+@pytest.mark.slow  # starts a second pair of workers (~8 s)
+def test_a_rank_left_alone_in_a_collective_fails_fast_like_under_ddp_spawn():
+    """Under ddp_spawn the finished rank exits and its peer's collective fails; the pool destroys the finished rank's
+    process group, with the same effect (not a hang until the timeout)."""
+    start = time.perf_counter()
+    with pytest.raises(mp.ProcessRaisedException, match="Process 1 terminated"):
+        _fit(BoringModel(), callbacks=[_Rank1WaitsAtTheEnd()])
+    assert time.perf_counter() - start < 60
+
+
 def test_weights_and_metrics_come_back_and_workers_see_the_tests_folder_and_environment(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LM_POOL_PROBE", "probe")
