@@ -145,6 +145,13 @@ def _mib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
 
+def _versions() -> str:
+    import faiss
+    import sklearn
+
+    return f"torch {torch.__version__}, faiss-cpu {faiss.__version__}, scikit-learn {sklearn.__version__}"
+
+
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         "# Exact kNN: ResMem's torch search vs faiss-cpu IndexFlatL2 and scikit-learn NearestNeighbors",
@@ -154,6 +161,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         "are the median per-repeat speed ratios (> 1: torch is faster). *Same* = fraction of queries whose k "
         "neighbour indices are identical, in order. Peak = growth of the peak RSS during one search, each library in a "
         "fresh process (MiB); *torch tile* is the largest score block the torch search holds.",
+        "",
+        f"Versions: {_versions()}.",
         "",
         "| memory | queries | k | torch q/s | faiss q/s | sklearn q/s | torch vs faiss | torch vs sklearn | same as faiss / sklearn | max Δd² | peak MiB torch / faiss / sklearn | torch tile MiB | full matrix MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|:---:|---:|:---:|---:|---:|",
