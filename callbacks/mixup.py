@@ -153,6 +153,10 @@ class MixupCallback(Callback):
         >>> cb = MixupCallback(alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, label_smoothing=0.1, per_sample=False)
     """
 
+    #: it changes the training inputs in place: DistillationModule runs its teacher on the mixed inputs instead of
+    #: logits cached or served for the loaded ones (the same duck-typed flag is open to any such callback)
+    changes_inputs = True
+
     def __init__(
         self,
         alpha: float = 1.0,

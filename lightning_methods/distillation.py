@@ -196,7 +196,9 @@ class DistillationModule(HoldsFrozenModels, ClassifierModule):
     and looks each input up by its content instead; an input changed after loading (by ``MixupCallback`` or any
     other callback) is not in the table and goes to the live teacher (logged once), so the student never fits
     mixed inputs against the teacher's logits of unmixed ones. A datamodule may also yield ``[x, y, teacher_logits]``
-    batches itself: a floating-point third batch element ``(N, C)`` is taken as the teacher's logits.
+    batches itself: a floating-point third batch element must be ``(N, num_classes)`` and is taken as the teacher's
+    logits, unless a callback that changes the inputs (``changes_inputs = True``, as MixupCallback) is attached: then
+    the live teacher runs on the changed inputs too.
 
     Logs what :class:`ClassifierModule` logs (``train_loss``, ``train_acc``, ``val_loss``, ``val_acc``, ...) plus
     ``train_kd`` (the ``tau^2 KL`` term, epoch mean) and ``distilling`` (1 in epochs that use the KD loss).
@@ -408,23 +410,47 @@ class DistillationModule(HoldsFrozenModels, ClassifierModule):
             return self.loss(logits, y), logits, y
         return self.kd_objective(logits, self._teacher_logits_for(batch), y), logits, y
 
+    def _served_logits(self, batch: Any) -> torch.Tensor | None:
+        """The teacher's logits a datamodule serves as a floating-point third batch element, checked for shape."""
+        if len(batch) < 3 or not isinstance(batch[2], torch.Tensor) or not batch[2].is_floating_point():
+            return None
+        served = batch[2]
+        if tuple(served.shape) != (len(batch[0]), self.num_classes):
+            raise ValueError(
+                "DistillationModule takes a floating-point third batch element as the teacher's logits, of shape "
+                f"(batch, num_classes) = ({len(batch[0])}, {self.num_classes}); this batch's is {tuple(served.shape)}. "
+                "Serve the teacher's logits there, or drop the element (per-example weights are not supported)."
+            )
+        return served
+
+    def _inputs_changed_by_callbacks(self) -> bool:
+        """A Trainer callback declares ``changes_inputs = True`` (MixupCallback does): it changes the training inputs
+        after loading, so logits computed for the loaded inputs do not belong to what the student sees."""
+        return self._trainer is not None and any(getattr(cb, "changes_inputs", False) for cb in self.trainer.callbacks)
+
+    def _tell_live_teacher(self) -> None:
+        if not self._told_live_teacher:
+            rank_zero_info(
+                "DistillationModule: some training inputs differ from the dataset's (a callback such as "
+                "MixupCallback, or an augmentation, changed them), so the teacher is run on those inputs instead of "
+                "using the cached or served logits."
+            )
+            self._told_live_teacher = True
+
     def _teacher_logits_for(self, batch: Any) -> torch.Tensor:
         x = batch[0]
-        if len(batch) >= 3 and isinstance(batch[2], torch.Tensor) and batch[2].is_floating_point():
-            return batch[2]  # the datamodule serves the teacher's logits itself
+        served = self._served_logits(batch)
+        if served is not None:
+            if not self._inputs_changed_by_callbacks():
+                return served  # the datamodule serves the teacher's logits itself
+            self._tell_live_teacher()  # they are the loaded inputs' logits, not the changed inputs'
         if self._cache is None:
             return self.teacher_logits(x)
         logits, found = self._cache.lookup(x)
         if not bool(found.all()):
             # inputs changed after loading (mixup, augmentation by a callback): their cached logits would be the
             # unmixed inputs' ones, so the live teacher sees exactly what the student sees
-            if not self._told_live_teacher:
-                rank_zero_info(
-                    "DistillationModule: some training inputs differ from the dataset's (a callback such as "
-                    "MixupCallback, or an augmentation, changed them), so the teacher is run on those inputs instead of "
-                    "using the cached logits."
-                )
-                self._told_live_teacher = True
+            self._tell_live_teacher()
             missing = ~found
             logits = logits.clone()
             logits[missing] = self.teacher_logits(x[missing]).to(logits.dtype)

@@ -4,6 +4,7 @@ teacher. The teacher trajectory fixture here is shared by the other distillation
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -380,3 +381,61 @@ def test_bad_setups_fail_before_training(teacher_dir, tmp_path):
         DistillationModule(student_net(), trained_teacher(teacher_dir), num_classes=10, cache_teacher_logits=True),
         digits(augment=True), ValueError, "augments its training inputs",
     )
+
+
+class _ServedDigits(pl.LightningDataModule):
+    """Digits whose batches carry a third element: ``extra(x)`` (teacher logits, or anything else a user adds)."""
+
+    def __init__(self, extra) -> None:
+        super().__init__()
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        self.x = torch.tensor(data.data[:256], dtype=torch.float32) / 16.0
+        self.y = torch.tensor(data.target[:256])
+        self.third = extra(self.x)
+        self.num_classes = 10
+
+    def train_dataloader(self):
+        dataset = torch.utils.data.TensorDataset(self.x, self.y, self.third)
+        return torch.utils.data.DataLoader(dataset, batch_size=32)
+
+
+def test_a_third_batch_element_that_is_not_logits_is_refused_before_any_step(teacher_dir):
+    # a float third element used to be taken as teacher logits whatever its shape: per-example weights (N,) broadcast
+    # against (N, C) logits (silently, when N == C) instead of failing
+    module = DistillationModule(student_net(), trained_teacher(teacher_dir), num_classes=10)
+    before = copy.deepcopy(module.student.state_dict())
+    trainer = cpu_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    with pytest.raises(ValueError, match=r"third batch element .* \(32, 10\).*\(32,\)"):
+        trainer.fit(module, _ServedDigits(lambda x: torch.ones(len(x))))
+    assert trainer.global_step == 0
+    assert all(torch.equal(v, module.student.state_dict()[k]) for k, v in before.items())
+
+
+def test_served_logits_with_mixup_use_the_teacher_on_the_mixed_inputs(teacher_dir):
+    # the datamodule's logits belong to the unmixed inputs: after MixupCallback changed them, the live teacher runs on
+    # what the student sees (as with cache_teacher_logits=True)
+    from callbacks import MixupCallback
+
+    teacher = trained_teacher(teacher_dir)
+    seen = []
+
+    class Check(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((pl_module._teacher_logits_for(batch), pl_module.teacher(batch[0]), batch[2]))
+
+    module = DistillationModule(student_net(), teacher, num_classes=10)
+    with torch.no_grad():
+        data = _ServedDigits(lambda x: teacher(x) + 5.0)  # served logits, marked by an offset
+    cpu_trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, callbacks=[MixupCallback(alpha=1.0), Check()]).fit(
+        module, data
+    )
+    assert len(seen) == 3
+    for used, live, served in seen:
+        assert torch.allclose(used, live, atol=1e-5) and not torch.allclose(used, served, atol=1.0)
+    # without such a callback the served logits are used as they are
+    seen.clear()
+    fresh = DistillationModule(student_net(), teacher, num_classes=10)
+    cpu_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[Check()]).fit(fresh, data)
+    assert len(seen) == 2 and all(used is served for used, _, served in seen)
