@@ -98,8 +98,8 @@ def _serve(rank: int, conn: Connection) -> None:
             returned = _ReturnQueue()
             wrapped(rank, *args[:4], returned, *args[4:])
             answer: tuple = ("ok", returned.items[0] if returned.items else None)
-        except BaseException as err:  # noqa: BLE001 - every failure goes back to the test process
-            answer = ("error", f"{type(err).__name__}: {err}", traceback.format_exc())
+        except BaseException:  # noqa: BLE001 - every failure goes back to the test process
+            answer = ("error", traceback.format_exc())
         finally:
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
@@ -108,8 +108,8 @@ def _serve(rank: int, conn: Connection) -> None:
             gc.collect()
         try:
             conn.send(answer)
-        except Exception as err:  # the result did not pickle
-            conn.send(("error", f"{type(err).__name__}: {err}", traceback.format_exc()))
+        except Exception:  # the result did not pickle
+            conn.send(("error", traceback.format_exc()))
 
 
 class _Pool:
@@ -212,7 +212,7 @@ class _Pool:
                     failed.append(rank)
         if failed:
             rank = failed[0]
-            _, summary, trace = answers[rank]
+            trace = answers[rank][1]
             note = " (the other rank was still waiting)" if waited_after_error else ""
             raise mp.ProcessRaisedException(
                 f"\n\n-- Process {rank} terminated with the following error{note}:\n{trace}", rank, self.procs[rank].pid

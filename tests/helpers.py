@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,6 +29,12 @@ def cpu_trainer(**overrides: Any) -> pl.Trainer:
     )
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
+
+
+def printed_test_acc(stdout: str) -> float | None:
+    """The ``test_acc`` of the results table Lightning prints after ``trainer.test`` (``None`` if none was printed)."""
+    match = re.search(r"test_acc\s*[│|]\s*([0-9.]+)", stdout)
+    return float(match.group(1)) if match else None
 
 
 def ddp_trainer(**overrides: Any) -> pl.Trainer:

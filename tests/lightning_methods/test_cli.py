@@ -11,7 +11,7 @@ import pytest
 
 from lightning_methods.cli import _link_targets, _peek_classes
 from lightning_methods.nets import MLP, SmallCNN
-from tests.helpers import run_cli
+from tests.helpers import printed_test_acc, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
@@ -29,8 +29,8 @@ def test_quickstart_under_strategy_ddp_runs_two_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = sorted(set(re.findall(r"GLOBAL_RANK: (\d+), MEMBER: \d+/2", proc.stdout + proc.stderr)))
     assert ranks == ["0", "1"], (proc.stdout + proc.stderr)[-2000:]
-    match = re.search(r"test_acc\s*[│|]\s*([0-9.]+)", proc.stdout)
-    assert match and float(match.group(1)) > 0.8, proc.stdout[-2000:]  # 3 epochs of 2 x 64 examples per step
+    accuracy = printed_test_acc(proc.stdout)
+    assert accuracy is not None and accuracy > 0.8, proc.stdout[-2000:]  # 3 epochs of 2 x 64 examples per step
 
 
 def test_print_config_shows_the_resolved_config(capsys, monkeypatch):
