@@ -12,9 +12,42 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["ArrayDataset", "ArrayDataModule", "BatchedArrayDataset", "Splits", "passthrough_collate"]
+__all__ = ["ArrayDataset", "ArrayDataModule", "BatchedArrayDataset", "SplitLoaders", "Splits", "passthrough_collate"]
 
 SPLITS = ("train", "val", "test")
+
+
+class SplitLoaders:
+    """The four DataLoaders of a datamodule over ``self.dataset(split)`` (a mixin, listed before
+    ``LightningDataModule``): training shuffled per ``self.shuffle`` / ``self.drop_last``, evaluation and prediction (the
+    test split) in order with ``self.eval_batch_size``; ``_collate()`` returns the collate function (default: torch's).
+    The datamodule holds ``batch_size``, ``eval_batch_size``, ``shuffle``, ``drop_last`` and ``num_workers``."""
+
+    def _collate(self) -> Any:
+        return None
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),  # type: ignore[attr-defined]
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            collate_fn=self._collate(),
+            num_workers=self.num_workers,  # type: ignore[attr-defined]
+            persistent_workers=self.num_workers > 0,  # type: ignore[attr-defined]
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, self.shuffle, self.drop_last)  # type: ignore[attr-defined]
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", self.eval_batch_size, False)  # type: ignore[attr-defined]
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, False)  # type: ignore[attr-defined]
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
 
 
 class ArrayDataset(Dataset):

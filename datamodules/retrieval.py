@@ -30,7 +30,9 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from datamodules._base import SplitLoaders
 
 __all__ = ["RetrievalDataModule", "wikipedia_passages", "normalize_query"]
 
@@ -124,7 +126,7 @@ def _read_table(path: str, arg: str) -> list[dict[str, Any]]:
     return table.to_list()
 
 
-class RetrievalDataModule(pl.LightningDataModule):
+class RetrievalDataModule(SplitLoaders, pl.LightningDataModule):
     """Queries, documents and relevance judgements for dual-encoder retrieval, split by document.
 
     Exposes ``corpus`` (document texts), ``queries(split)`` and ``qrels(split)`` (for each query the corpus indices
@@ -420,25 +422,5 @@ class RetrievalDataModule(pl.LightningDataModule):
     def dataset(self, split: str) -> _Queries:
         return _Queries(self.queries(split))
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            collate_fn=_collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, self.shuffle, self.drop_last)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+    def _collate(self) -> Any:
+        return _collate

@@ -29,8 +29,9 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from datamodules._base import SplitLoaders
 from lightning_methods._tokenizer import (
     char_tokenizer,
     encode_prompts,
@@ -69,7 +70,7 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
-class _TokenDataModule(pl.LightningDataModule):
+class _TokenDataModule(SplitLoaders, pl.LightningDataModule):
     """Loaders over in-memory lists of tokenized examples, identical on every rank (private base class)."""
 
     batch_format: str
@@ -119,28 +120,6 @@ class _TokenDataModule(pl.LightningDataModule):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         return lm_collate(pad) if self.batch_format == "lm" else prompt_target_collate(pad)
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            collate_fn=self._collate(),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, self.shuffle, self.drop_last)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
 
     def _prompt_target_lengths(self) -> None:
         every = list(itertools.chain.from_iterable(self.data.values()))
